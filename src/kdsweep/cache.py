@@ -1,0 +1,384 @@
+"""The teacher-logit cache: one Zarr v3 store per teacher and kind, with a group per split.
+
+Layout of `data/logits/<name>.zarr` (DESIGN.md §4):
+  zarr.json              root attributes: format_version, kind, k, dtype, num_classes,
+                         teacher_fingerprint, dataset_fingerprint, codec, kdsweep_version,
+                         splits, complete (written last)
+  train/, test/          one group per split, attributes {split, num_rows}, arrays:
+    full     logits[N, C]                       float16 | bfloat16 (stored as uint16 bits) | float32
+    topk     values[N, k] (descending logits), indices[N, k] (smallest uint holding C),
+             logsumexp[N] float32 (over all C logits at τ=1, so top-k probabilities are exact)
+    sampled  indices[N, k] drawn with replacement from softmax(logits / tau), duplicates merged,
+             weights[N, k] = draw counts / k (0 in unused slots): Σ_j w_j·f(c_j) is an unbiased
+             estimate of E_{c~p_T}[f(c)], so the student's CE on them estimates CE(p_T, p_S).
+Chunks hold whole rows (`chunk_rows`), compressed by zarr's own codecs, and end in a
+Crc32cCodec, so an altered chunk raises on read instead of decoding to garbage.
+
+Writes go to `<name>.zarr.partial`, chunk by chunk, each finished chunk recorded in
+`progress.json`; a killed writer resumes from the last finished chunk, and the store is renamed
+into place only after `complete` is set. Readers refuse anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+import zarr.codecs as zc
+from filelock import FileLock, Timeout
+from tqdm import tqdm
+
+from kdsweep import __version__
+from kdsweep.config import Codec
+from kdsweep.io import atomic_write_json
+
+FORMAT_VERSION = 1
+ARRAYS = {"full": ("logits",), "topk": ("values", "indices", "logsumexp"), "sampled": ("indices", "weights")}
+
+
+class CacheError(ValueError):
+    """A cache store that is incomplete, corrupt, or made for another teacher or dataset."""
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    kind: str = "full"
+    dtype: str = "float16"
+    k: int | None = None
+    chunk_rows: int = 8192
+    codec: Codec = Codec()
+    sample_seed: int = 0
+    sample_tau: float = 1.0
+
+
+def index_dtype(num_classes: int) -> np.dtype:
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if num_classes - 1 <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    raise CacheError(f"{num_classes} classes do not fit a uint32 index")
+
+
+def _compressors(codec: Codec) -> list[Any]:
+    chain: list[Any] = []
+    if codec.name == "blosc":
+        chain.append(zc.BloscCodec(cname=codec.cname, clevel=codec.clevel, shuffle=codec.shuffle))
+    elif codec.name == "zstd":
+        chain.append(zc.ZstdCodec(level=codec.clevel))
+    return [*chain, zc.Crc32cCodec()]
+
+
+def _float_np(dtype: str) -> np.dtype:
+    return np.dtype({"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}[dtype])
+
+
+def _to_store(x: torch.Tensor, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return x.to(getattr(torch, dtype)).numpy()
+
+
+def _from_store(a: np.ndarray, dtype: str) -> torch.Tensor:
+    if dtype == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(np.ascontiguousarray(a)).float()
+
+
+def encode_rows(logits: torch.Tensor, spec: StoreSpec, seed: int) -> dict[str, np.ndarray]:
+    """Teacher logits [B, C] (float32) -> the arrays this kind stores for those rows."""
+    c = logits.shape[1]
+    if spec.kind == "full":
+        return {"logits": _to_store(logits, spec.dtype)}
+    assert spec.k is not None
+    if spec.k > c:
+        raise CacheError(f"k={spec.k} is larger than the number of classes ({c}): choose k <= {c}")
+    idt = index_dtype(c)
+    if spec.kind == "topk":
+        values, idx = logits.topk(spec.k, dim=1)
+        return {
+            "values": _to_store(values, spec.dtype),
+            "indices": idx.numpy().astype(idt),
+            "logsumexp": logits.logsumexp(1).numpy().astype(np.float32),
+        }
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(logits.double() / spec.sample_tau, dim=1)
+    draws = torch.multinomial(probs, spec.k, replacement=True, generator=gen)
+    counts = torch.zeros_like(probs).scatter_add_(1, draws, torch.ones_like(draws, dtype=probs.dtype))
+    # keep the distinct draws first (by count, ties by class id), zero weight in the unused slots
+    w, idx = counts.topk(spec.k, dim=1, sorted=True)
+    return {"indices": idx.numpy().astype(idt), "weights": (w / spec.k).numpy().astype(np.float32)}
+
+
+def _array_layout(spec: StoreSpec, n: int, c: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    k = spec.k or 0
+    f = _float_np(spec.dtype)
+    return {
+        "full": {"logits": ((n, c), f)},
+        "topk": {"values": ((n, k), f), "indices": ((n, k), index_dtype(c)), "logsumexp": ((n,), np.dtype(np.float32))},
+        "sampled": {"indices": ((n, k), index_dtype(c)), "weights": ((n, k), np.dtype(np.float32))},
+    }[spec.kind]
+
+
+def _root_attrs(spec: StoreSpec, num_classes: int, teacher_fp: str, dataset_fp: str, splits: dict[str, int]) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": spec.kind,
+        "k": spec.k,
+        "dtype": spec.dtype,
+        "num_classes": num_classes,
+        "views": 1,
+        "teacher_fingerprint": teacher_fp,
+        "dataset_fingerprint": dataset_fp,
+        "codec": spec.codec.model_dump(),
+        "chunk_rows": spec.chunk_rows,
+        "sample_seed": spec.sample_seed if spec.kind == "sampled" else None,
+        "sample_tau": spec.sample_tau if spec.kind == "sampled" else None,
+        "splits": splits,
+        "kdsweep_version": __version__,
+        "complete": False,
+    }
+
+
+def write_cache(
+    path: Path,
+    teacher: Callable[[torch.Tensor], torch.Tensor],
+    inputs: dict[str, torch.Tensor],
+    spec: StoreSpec,
+    num_classes: int,
+    teacher_fingerprint: str,
+    dataset_fingerprint: str,
+    batch_size: int = 1024,
+    rank: int = 0,
+    world: int = 1,
+) -> None:
+    """Run `teacher` (inputs -> float32 logits) over every split and store its outputs.
+
+    Resumable: chunks already recorded in the partial store's progress are skipped. With
+    `world > 1` each rank writes the chunks i with i % world == rank of one shared partial
+    store; rank 0 waits for everyone (the caller provides the barrier) and finalises.
+    """
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    splits = {name: len(x) for name, x in inputs.items()}
+    attrs = _root_attrs(spec, num_classes, teacher_fingerprint, dataset_fingerprint, splits)
+    lock = FileLock(str(path) + ".lock")
+    try:
+        lock.acquire(timeout=0 if world == 1 else 600)
+    except Timeout:
+        raise CacheError(f"another process is writing {path} (lock {lock.lock_file}); refusing to interleave") from None
+    try:
+        root = _open_partial(partial, attrs, spec, num_classes, rank)
+        progress = _read_progress(partial)
+        for split, x in inputs.items():
+            n = len(x)
+            n_chunks = -(-n // spec.chunk_rows)
+            mine = [i for i in range(n_chunks) if i % world == rank and i not in progress.get(split, [])]
+            for i in tqdm(mine, desc=f"cache {path.name}/{split}", disable=None, unit="chunk"):
+                lo, hi = i * spec.chunk_rows, min(n, (i + 1) * spec.chunk_rows)
+                with torch.no_grad():
+                    logits = torch.cat([teacher(x[j : min(hi, j + batch_size)]).float() for j in range(lo, hi, batch_size)])
+                seed = spec.sample_seed * 1_000_003 + i + (0 if split == "train" else 500_009)
+                for name, arr in encode_rows(logits, spec, seed).items():
+                    root[split][name][lo:hi] = arr
+                _record_progress(partial, split, i, rank)
+    finally:
+        lock.release()
+    if rank == 0 and world == 1:
+        finalize_cache(path)
+
+
+def _open_partial(partial: Path, attrs: dict, spec: StoreSpec, num_classes: int, rank: int) -> zarr.Group:
+    if partial.exists():
+        root = zarr.open_group(partial, mode="r+")
+        old = {k: v for k, v in root.attrs.asdict().items() if k != "complete"}
+        if old == {k: v for k, v in attrs.items() if k != "complete"}:
+            return root  # resume
+        if rank != 0:
+            return root
+        shutil.rmtree(partial)  # a leftover from other params or another teacher: restart
+    if rank != 0:
+        raise CacheError(f"rank {rank}: partial store {partial} does not exist; rank 0 creates it first")
+    root = zarr.open_group(partial, mode="w")
+    for split, n in attrs["splits"].items():
+        g = root.create_group(split)
+        g.attrs.update({"split": split, "num_rows": n})
+        for name, (shape, dt) in _array_layout(spec, n, num_classes).items():
+            chunks = (spec.chunk_rows, *shape[1:])
+            g.create_array(name, shape=shape, chunks=chunks, dtype=dt, compressors=_compressors(spec.codec), fill_value=0)
+    root.attrs.update(attrs)
+    return root
+
+
+def _progress_file(partial: Path, rank: int) -> Path:
+    return partial / f"progress.{rank}.json"
+
+
+def _read_progress(partial: Path) -> dict[str, list[int]]:
+    done: dict[str, list[int]] = {}
+    for f in sorted(partial.glob("progress.*.json")):
+        for split, chunks in json.loads(f.read_text()).items():
+            done.setdefault(split, []).extend(chunks)
+    return done
+
+
+def _record_progress(partial: Path, split: str, chunk: int, rank: int) -> None:
+    f = _progress_file(partial, rank)
+    done = json.loads(f.read_text()) if f.exists() else {}
+    done.setdefault(split, []).append(chunk)
+    atomic_write_json(f, done)
+
+
+def finalize_cache(path: Path) -> None:
+    """Check every chunk of the partial store is written, mark it complete, move it into place."""
+    partial = path.with_name(path.name + ".partial")
+    root = zarr.open_group(partial, mode="r+")
+    done = _read_progress(partial)
+    for split, n in root.attrs["splits"].items():
+        expected = set(range(-(-n // root.attrs["chunk_rows"])))
+        if set(done.get(split, [])) != expected:
+            raise CacheError(f"{partial}: split {split} is missing chunks {sorted(expected - set(done.get(split, [])))}")
+    for f in partial.glob("progress.*.json"):
+        f.unlink()
+    root.attrs["complete"] = True
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(partial, path)
+
+
+@dataclass(frozen=True)
+class CacheSplit:
+    """Teacher targets for some rows of one split, as float32/int64 torch tensors."""
+
+    kind: str
+    tensors: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def rows(self, idx: torch.Tensor) -> CacheSplit:
+        return CacheSplit(self.kind, {k: v[idx] for k, v in self.tensors.items()})
+
+    def to(self, device: torch.device | str) -> CacheSplit:
+        return CacheSplit(self.kind, {k: v.to(device) for k, v in self.tensors.items()})
+
+
+class LogitCache:
+    """A verified, read-only view of a complete store. Opening checks provenance and shapes."""
+
+    def __init__(self, path: Path, teacher_fingerprint: str | None = None, dataset_fingerprint: str | None = None):
+        self.path = Path(path)
+        if not self.path.exists():
+            partial = self.path.with_name(self.path.name + ".partial")
+            hint = " (a partial store exists: the cache stage was interrupted; re-run it)" if partial.exists() else ""
+            raise CacheError(f"cache {self.path} not found{hint}: run `dvc repro` or `dvc pull`")
+        try:
+            self.root = zarr.open_group(self.path, mode="r")
+            self.attrs = self.root.attrs.asdict()
+        except Exception as err:
+            raise CacheError(f"{self.path} is not a readable Zarr v3 store ({err})") from None
+        a = self.attrs
+        if a.get("format_version") != FORMAT_VERSION:
+            raise CacheError(
+                f"{self.path} has cache format_version {a.get('format_version')!r}, this kdsweep reads "
+                f"{FORMAT_VERSION}: rebuild it with `dvc repro -f` on its cache stage"
+            )
+        if a.get("complete") is not True:
+            raise CacheError(f"{self.path} is incomplete (complete={a.get('complete')}): re-run its cache stage")
+        for what, want in (("teacher", teacher_fingerprint), ("dataset", dataset_fingerprint)):
+            have = a.get(f"{what}_fingerprint")
+            if want is not None and have != want:
+                raise CacheError(
+                    f"{self.path} was made for another {what} ({what}_fingerprint {str(have)[:12]}…, "
+                    f"expected {want[:12]}…): re-run the cache stage or pull the matching {what}"
+                )
+        self._check_layout()
+
+    @property
+    def kind(self) -> str:
+        return self.attrs["kind"]
+
+    def _check_layout(self) -> None:
+        a = self.attrs
+        spec = StoreSpec(kind=a["kind"], dtype=a["dtype"], k=a["k"])
+        for split, n in a["splits"].items():
+            if split not in self.root:
+                raise CacheError(f"{self.path}: split group {split!r} is missing")
+            g = self.root[split]
+            for name, (shape, dt) in _array_layout(spec, n, a["num_classes"]).items():
+                if name not in g:
+                    raise CacheError(f"{self.path}/{split}: array {name!r} is missing")
+                arr = g[name]
+                if tuple(arr.shape) != shape or np.dtype(arr.dtype) != dt:
+                    raise CacheError(
+                        f"{self.path}/{split}/{name}: shape {arr.shape} dtype {arr.dtype} disagree with "
+                        f"the attributes (expected {shape} {dt})"
+                    )
+                if arr.nchunks_initialized != arr.nchunks:
+                    raise CacheError(
+                        f"{self.path}/{split}/{name}: {arr.nchunks - arr.nchunks_initialized} of "
+                        f"{arr.nchunks} chunks are missing on disk: the store is damaged, rebuild or re-pull it"
+                    )
+
+    def num_rows(self, split: str) -> int:
+        return self.attrs["splits"][split]
+
+    def read(self, split: str, rows: slice | None = None) -> CacheSplit:
+        """Read whole chunks (fast sequential I/O) and convert to torch; CRC failures become CacheError."""
+        g = self.root[split]
+        rows = rows or slice(None)
+        out = {}
+        for name in ARRAYS[self.kind]:
+            try:
+                a = g[name][rows]
+            except Exception as err:
+                raise CacheError(
+                    f"{self.path}/{split}/{name}: chunk data is corrupt ({err}); re-pull or rebuild the cache"
+                ) from None
+            if name in ("logits", "values"):
+                out[name] = _from_store(a, self.attrs["dtype"])
+            elif name == "indices":
+                out[name] = torch.from_numpy(a.astype(np.int64))
+            else:
+                out[name] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        return CacheSplit(self.kind, out)
+
+    def info(self) -> dict[str, Any]:
+        stored = logical = 0
+        shapes = {}
+        for split in self.attrs["splits"]:
+            for name in ARRAYS[self.kind]:
+                arr = self.root[split][name]
+                shapes[f"{split}/{name}"] = [list(arr.shape), str(arr.dtype)]
+                stored += arr.nbytes_stored()
+                logical += arr.nbytes
+        rows = sum(self.attrs["splits"].values())
+        return {
+            "attributes": self.attrs,
+            "arrays": shapes,
+            "bytes_on_disk": int(stored),
+            "bytes_uncompressed": int(logical),
+            "bytes_per_row": stored / rows,
+            "compression_ratio": logical / stored if stored else float("nan"),
+        }
+
+    def verify(self) -> dict[str, int]:
+        """Decode every chunk of every array (each checked against its CRC32C); return chunk counts."""
+        counts = {}
+        for split in self.attrs["splits"]:
+            for name in ARRAYS[self.kind]:
+                arr = self.root[split][name]
+                step = arr.chunks[0]
+                for lo in range(0, arr.shape[0], step):
+                    try:
+                        arr[lo : lo + step]
+                    except Exception as err:
+                        raise CacheError(f"{self.path}/{split}/{name}: chunk {lo // step} is corrupt ({err})") from None
+                counts[f"{split}/{name}"] = arr.nchunks
+        return counts

@@ -1,0 +1,95 @@
+"""`kdsweep`: the command for people. Stages and CLI call the same library functions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kdsweep.cache import CacheError, LogitCache
+
+app = typer.Typer(help="Knowledge distillation vs dataset size, from cached teacher logits.", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect and verify logit caches.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+console = Console()
+
+
+def _open(path: Path) -> LogitCache:
+    try:
+        return LogitCache(path)
+    except CacheError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from None
+
+
+@cache_app.command("info")
+def cache_info(path: Path) -> None:
+    """Attributes, array shapes, bytes on disk, bytes per row and compression ratio of a store."""
+    info = _open(path).info()
+    t = Table(title=str(path), show_header=False)
+    for k, v in info["attributes"].items():
+        t.add_row(k, json.dumps(v))
+    for k, (shape, dtype) in info["arrays"].items():
+        t.add_row(f"array {k}", f"{shape} {dtype}")
+    t.add_row("bytes on disk", f"{info['bytes_on_disk']:,}")
+    t.add_row("bytes per row", f"{info['bytes_per_row']:.2f}")
+    t.add_row("compression ratio", f"{info['compression_ratio']:.2f}x")
+    console.print(t)
+
+
+@cache_app.command("verify")
+def cache_verify(path: Path) -> None:
+    """Re-read every chunk and check it against its stored CRC32C checksum."""
+    cache = _open(path)
+    try:
+        counts = cache.verify()
+    except CacheError as err:
+        console.print(f"[red]corrupt:[/red] {err}")
+        raise typer.Exit(1) from None
+    console.print(f"[green]ok[/green]: {sum(counts.values())} chunks verified in {len(counts)} arrays")
+
+
+@app.command()
+def results(
+    path: Path = Path("data/results/runs.parquet"),
+    method: list[str] = typer.Option(None, help="Only these methods (repeatable)."),
+    alpha: list[float] = typer.Option(None, help="Only these alphas (repeatable)."),
+    columns: str = "method,alpha,tau,subset_seed,test_acc,agreement,test_kl,ece,train_seconds",
+) -> None:
+    """Print runs.parquet as a table, filtered by method and alpha."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        console.print(f"[red]error:[/red] {path} not found: run `dvc repro` (or `dvc repro aggregate`)")
+        raise typer.Exit(1)
+    tbl = pq.read_table(path)
+    if method:
+        tbl = tbl.filter(pc.is_in(tbl["method"], value_set=__import__("pyarrow").array(method)))
+    if alpha:
+        tbl = tbl.filter(pc.is_in(tbl["alpha"], value_set=__import__("pyarrow").array(alpha, "float64")))
+    cols = [c for c in columns.split(",") if c in tbl.column_names]
+    t = Table()
+    for c in cols:
+        t.add_column(c)
+    for row in tbl.select(cols).sort_by([(c, "ascending") for c in cols[:2]]).to_pylist():
+        t.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()))
+    console.print(t)
+    console.print(f"{tbl.num_rows} runs")
+
+
+@app.command()
+def student(alpha: float, method: str, out_dir: Path = Path("data/students/manual"), params: Path = Path("params.yaml")) -> None:
+    """Train the students of one (alpha, method) by hand, from the cache, exactly as the stage does."""
+    from kdsweep import pipeline
+    from kdsweep.config import load_params
+
+    out = pipeline.run_student_stage(load_params(params), alpha, method, out_dir)
+    console.print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,244 @@
+"""What each DVC stage does, as functions of validated params (stages/*.py and the CLI call these).
+
+Paths (all under data/, owned by DVC):
+  prepared/                         splits, nested subset orders, meta.json      (prepare)
+  teachers/<id>.safetensors         teacher weights; `random_head` is the control  (teacher)
+  teachers/metrics.json             teacher test accuracy and fingerprints
+  logits/<store>.zarr, <store>.json cache store and its size summary              (cache@<store>)
+  students/<alpha>-<method>/runs.json  one row per student                        (student@…)
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdsweep.cache import CacheSplit, LogitCache, StoreSpec, write_cache
+from kdsweep.config import MethodParams, Params, all_alphas, params_hash
+from kdsweep.data import Prepared, build_splits, load_prepared, write_prepared
+from kdsweep.io import atomic_write_json, file_sha256, load_checkpoint, save_checkpoint
+from kdsweep.losses import KD_LOSSES, control_targets, student_loss
+from kdsweep.models import build_model, reinit_head
+from kdsweep.train import evaluate, fit, num_steps, pick_device, predict
+
+DATA = Path("data")
+PREPARED = DATA / "prepared"
+TEACHERS = DATA / "teachers"
+LOGITS = DATA / "logits"
+STUDENTS = DATA / "students"
+TEACHER_IDS = ("main", "random_head")
+
+
+def teacher_path(teacher_id: str) -> Path:
+    return TEACHERS / f"{teacher_id}.safetensors"
+
+
+def store_path(name: str) -> Path:
+    return LOGITS / f"{name}.zarr"
+
+
+def git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def prepare(p: Params) -> None:
+    write_prepared(PREPARED, build_splits(p.data), p.subset_seeds)
+
+
+def _teacher_model(p: Params, prep: Prepared) -> torch.nn.Module:
+    s = prep.splits
+    torch.manual_seed(p.teacher.seed)
+    return build_model(p.teacher.arch, tuple(s.x_train.shape[1:]), s.num_classes, p.teacher.width)
+
+
+def train_teacher(p: Params) -> dict[str, Any]:
+    """Train the teacher on the full training split (α=1); save it and its random-head control."""
+    prep = load_prepared(PREPARED)
+    s, t = prep.splits, p.teacher
+    device = pick_device(t.device)
+    model = _teacher_model(p, prep).to(device)
+    x, y = s.x_train.to(device), s.y_train.to(device)
+    steps = num_steps("epochs", t.epochs, len(y), t.batch_size)
+    seconds = fit(
+        model, x, lambda z, i: torch.nn.functional.cross_entropy(z, y[i], reduction="none"),
+        steps, t.batch_size, t.lr, t.weight_decay, t.seed, desc="teacher",
+    )
+    model = model.cpu()
+    metrics: dict[str, Any] = {"train_seconds": seconds, "steps": steps}
+    for tid in TEACHER_IDS:
+        if tid == "random_head":
+            reinit_head(model, t.seed + 1)
+        save_checkpoint(model, teacher_path(tid), {"arch": t.arch, "dataset_fingerprint": prep.fingerprint})
+        acc = evaluate(predict(model, s.x_test), s.y_test, None)["test_acc"]
+        metrics[tid] = {"test_acc": acc, "fingerprint": file_sha256(teacher_path(tid))}
+    atomic_write_json(TEACHERS / "metrics.json", metrics)
+    return metrics
+
+
+def load_teacher(p: Params, teacher_id: str) -> tuple[torch.nn.Module, str]:
+    """The teacher network and its fingerprint (sha256 of the checkpoint file). Only `cache` calls this."""
+    prep_meta = load_prepared(PREPARED)
+    model = _teacher_model(p, prep_meta)
+    load_checkpoint(model, teacher_path(teacher_id))
+    return model.eval(), file_sha256(teacher_path(teacher_id))
+
+
+def build_cache(p: Params, name: str, rank: int = 0, world: int = 1) -> None:
+    """Run one teacher over the train and test splits into the store `name` (the only teacher forward)."""
+    store = p.cache.stores[name]
+    prep = load_prepared(PREPARED)
+    model, teacher_fp = load_teacher(p, store.teacher)
+    spec = StoreSpec(store.kind, store.dtype, store.k, p.cache.chunk_rows, p.cache.codec, store.sample_seed)
+    inputs = {"train": prep.splits.x_train, "test": prep.splits.x_test}
+    write_cache(
+        store_path(name), model, inputs, spec, prep.splits.num_classes, teacher_fp, prep.fingerprint,
+        p.cache.batch_size, rank, world,
+    )
+    if rank == 0 and world == 1:
+        write_cache_summary(p, name)
+
+
+def write_cache_summary(p: Params, name: str) -> None:
+    info = LogitCache(store_path(name)).info()
+    a = info["attributes"]
+    teacher_acc = (TEACHERS / "metrics.json")
+    acc = None
+    if teacher_acc.exists():
+        import json
+
+        acc = json.loads(teacher_acc.read_text())[p.cache.stores[name].teacher]["test_acc"]
+    atomic_write_json(LOGITS / f"{name}.json", {
+        "name": name, "kind": a["kind"], "k": a["k"], "dtype": a["dtype"], "teacher": p.cache.stores[name].teacher,
+        "bytes_on_disk": info["bytes_on_disk"], "bytes_per_row": info["bytes_per_row"],
+        "compression_ratio": info["compression_ratio"], "teacher_test_acc": acc, "num_rows": sum(a["splits"].values()),
+    })
+
+
+@dataclass(frozen=True)
+class StudentJob:
+    """One student: the recipe, the subset and the seed."""
+
+    method: str
+    m: MethodParams
+    tau: float
+    alpha: float
+    subset_seed: int
+    train_seed: int
+
+
+def student_jobs(p: Params, alpha: float, method: str) -> list[StudentJob]:
+    m = p.methods[method]
+    return [
+        StudentJob(method, m, tau, alpha, s, r)
+        for s, r, tau in itertools.product(p.subset_seeds, p.student.train_seeds, m.taus)
+    ]
+
+
+def open_caches(p: Params, m: MethodParams, prep: Prepared) -> tuple[LogitCache, LogitCache]:
+    """The method's cache and the full reference cache, both checked against teacher and dataset."""
+    def open_store(name: str) -> LogitCache:
+        tid = p.cache.stores[name].teacher
+        return LogitCache(store_path(name), file_sha256(teacher_path(tid)), prep.fingerprint)
+
+    return open_store(m.cache), open_store("full")
+
+
+def train_students(p: Params, alpha: float, method: str) -> list[dict[str, Any]]:
+    """Train every student of one (α, method): all subset seeds × train seeds × τ variants."""
+    prep = load_prepared(PREPARED)
+    m = p.methods[method]
+    cache, ref = open_caches(p, m, prep)
+    train_targets = cache.read("train")
+    ref_test = ref.read("test").tensors["logits"]
+    s = prep.splits
+    device = pick_device(p.student.device)
+    phash = params_hash(p.data, p.student, m, p.cache.stores[m.cache])
+    rev = git_rev()
+    rows = []
+    for job in student_jobs(p, alpha, method):
+        rows.append(train_one(p, job, prep, train_targets, ref_test, device) | {"params_hash": phash, "git_rev": rev})
+    return rows
+
+
+def subset_targets(job: StudentJob, prep: Prepared, targets: CacheSplit) -> tuple[torch.Tensor, torch.Tensor, CacheSplit]:
+    """The student's inputs, labels and teacher rows: controls transform the teacher rows here."""
+    idx = prep.subset(job.alpha, job.subset_seed)
+    s = prep.splits
+    x, y, t = s.x_train[idx], s.y_train[idx], targets.rows(idx)
+    loss = job.m.loss
+    if loss in KD_LOSSES and loss != "kd" or loss == "top1_teacher":
+        if t.kind != "full":
+            raise ValueError(f"method {job.method} ({loss}) needs a full cache, got {t.kind}")
+    if loss in KD_LOSSES and loss != "kd":
+        seed = 1000 * job.subset_seed + job.train_seed
+        t = CacheSplit("full", {"logits": control_targets(loss, t.tensors["logits"], y, job.m.epsilon, seed)})
+    if loss == "top1_teacher":
+        y = t.tensors["logits"].argmax(-1)
+    return x, y, t
+
+
+def train_one(
+    p: Params, job: StudentJob, prep: Prepared, targets: CacheSplit, ref_test: torch.Tensor, device: torch.device
+) -> dict[str, Any]:
+    x, y, t = subset_targets(job, prep, targets)
+    x, y, t = x.to(device), y.to(device), t.to(device)
+    st = p.student
+    torch.manual_seed(job.train_seed)
+    model = build_model(st.arch, tuple(x.shape[1:]), prep.splits.num_classes, st.width).to(device)
+    steps = num_steps(st.budget.mode, st.budget.value, len(y), st.batch_size)
+    m = job.m
+    neg = torch.zeros((), device=device)
+
+    def loss_fn(z: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        nonlocal neg
+        total, d = student_loss(m.loss, z, y[i], t.rows(i), m.lam, job.tau, m.epsilon, m.topk_mode)
+        neg += (d < 0).sum()
+        return total
+
+    seconds = fit(model, x, loss_fn, steps, st.batch_size, st.lr, st.weight_decay, job.train_seed,
+                  desc=f"{job.method} α={job.alpha:g} s={job.subset_seed}")
+    model = model.cpu()
+    metrics = evaluate(predict(model, prep.splits.x_test), prep.splits.y_test, ref_test)
+    n_seen = steps * min(st.batch_size, len(y))
+    store = p.cache.stores[m.cache]
+    uses_teacher = m.loss not in ("ce", "ls")
+    return {
+        "run_id": uuid.uuid5(uuid.NAMESPACE_URL, f"{job}").hex[:12],
+        "dataset": p.data.name, "task": "vision",
+        "teacher_id": store.teacher if uses_teacher else None,
+        "teacher_arch": p.teacher.arch, "student_arch": st.arch,
+        "method": job.method, "loss": m.loss,
+        "lam": m.lam if m.loss in (*KD_LOSSES, "logit_mse") else None,
+        "tau": job.tau if m.loss in KD_LOSSES else None,
+        "epsilon": m.epsilon if m.loss in ("ls", "ls_teacher") else None,
+        "cache_name": m.cache if uses_teacher else None,
+        "cache_kind": store.kind if uses_teacher else None,
+        "k": store.k if uses_teacher else None,
+        "topk_mode": m.topk_mode if uses_teacher and store.kind == "topk" else None,
+        "alpha": job.alpha, "n_train": len(y), "subset_seed": job.subset_seed, "train_seed": job.train_seed,
+        "budget_mode": st.budget.mode, "epochs": n_seen / len(y), "steps": steps,
+        "test_acc": metrics["test_acc"], "test_error": metrics["test_error"], "test_ppl": None,
+        "agreement": metrics["agreement"], "test_kl": metrics["test_kl"], "ece": metrics["ece"],
+        "neg_kl_frac": float(neg) / n_seen if uses_teacher else None,
+        "train_seconds": seconds,
+    }
+
+
+def run_student_stage(p: Params, alpha: float, method: str, out_dir: Path) -> Path:
+    """Train all students of one (α, method) and write `out_dir/runs.json` atomically."""
+    if method not in p.methods:
+        raise ValueError(f"method {method!r} is not in params.yaml methods ({', '.join(p.methods)})")
+    if alpha not in all_alphas(p):
+        raise ValueError(f"alpha {alpha} is in neither alphas nor sweep.ablation_alphas {all_alphas(p)}")
+    out = Path(out_dir) / "runs.json"
+    atomic_write_json(out, train_students(p, alpha, method))
+    return out

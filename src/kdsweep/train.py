@@ -1,0 +1,107 @@
+"""Training and evaluation: one loop serves teachers and students.
+
+A student sees only its α-subset inputs, labels and the cached teacher rows for them; the
+teacher network is never constructed in a student process.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, batch row ids) -> per-sample
+
+
+class NonFiniteLoss(FloatingPointError):
+    """Training diverged: a loss became NaN or inf."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def num_steps(mode: str, value: int, n: int, batch_size: int) -> int:
+    """Budget in optimizer steps: `steps` is the same for every α, `epochs` scales with the subset."""
+    return value if mode == "steps" else value * math.ceil(n / min(batch_size, n))
+
+
+def fit(
+    model: nn.Module,
+    x: torch.Tensor,
+    loss_fn: LossFn,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    desc: str = "train",
+) -> float:
+    """AdamW with cosine decay over `steps` steps of shuffled mini-batches (epoch-wise permutations).
+
+    The data order depends only on `seed`, so a student is reproducible on its own. Returns the
+    training wall time in seconds.
+    """
+    n = len(x)
+    bs = min(batch_size, n)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    model.train()
+    t0 = time.perf_counter()
+    perm, pos = torch.randperm(n, generator=gen), 0
+    for step in tqdm(range(steps), desc=desc, disable=None, leave=False, mininterval=1.0):
+        if pos + bs > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos : pos + bs].to(x.device)
+        pos += bs
+        loss = loss_fn(model(x[idx]), idx).mean()
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(
+                f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate or "
+                "check the cached targets (`kdsweep cache verify`)"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
+
+
+def expected_calibration_error(logits: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
+    """Standard top-label ECE with equal-width confidence bins."""
+    conf, pred = torch.softmax(logits, -1).max(-1)
+    correct = (pred == y).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = torch.zeros(())
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            ece += m.float().mean() * (conf[m].mean() - correct[m].mean()).abs()
+    return float(ece)
+
+
+def evaluate(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None) -> dict[str, float]:
+    """Test accuracy and calibration; agreement and KL(teacher‖student) when teacher outputs exist."""
+    acc = float((logits.argmax(-1) == y).float().mean())
+    out = {"test_acc": acc, "test_error": 1 - acc, "ece": expected_calibration_error(logits, y)}
+    if teacher_logits is not None:
+        out["agreement"] = float((logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean())
+        out["test_kl"] = float(
+            F.kl_div(torch.log_softmax(logits, -1), torch.log_softmax(teacher_logits, -1), log_target=True, reduction="batchmean")
+        )
+    return out

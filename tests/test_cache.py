@@ -1,0 +1,192 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from kdsweep.cache import CacheError, LogitCache, StoreSpec, write_cache
+
+C = 10
+
+
+def teacher(x: torch.Tensor) -> torch.Tensor:
+    """A fixed 'teacher': a deterministic function of the inputs."""
+    return x[:, :C] * 3.0
+
+
+def inputs(n_train=300, n_test=70):
+    g = torch.Generator().manual_seed(0)
+    return {"train": torch.randn(n_train, 16, generator=g), "test": torch.randn(n_test, 16, generator=g)}
+
+
+def build(path, spec, **kw):
+    write_cache(path, teacher, inputs(), spec, C, "teacher-fp", "data-fp", batch_size=40, **kw)
+    return LogitCache(path, "teacher-fp", "data-fp")
+
+
+def test_full_float32_round_trip_is_exact(tmp_path):
+    cache = build(tmp_path / "c.zarr", StoreSpec(kind="full", dtype="float32", chunk_rows=64))
+    x = inputs()
+    assert torch.equal(cache.read("train").tensors["logits"], teacher(x["train"]))
+    assert torch.equal(cache.read("test").tensors["logits"], teacher(x["test"]))
+    a = cache.attrs
+    assert a["complete"] is True and a["kind"] == "full" and a["splits"] == {"train": 300, "test": 70}
+    for key in ("format_version", "teacher_fingerprint", "dataset_fingerprint", "codec", "kdsweep_version", "views"):
+        assert key in a
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 1e-3), ("bfloat16", 8e-3)])
+def test_low_precision_round_trip_within_tolerance(tmp_path, dtype, tol):
+    cache = build(tmp_path / "c.zarr", StoreSpec(kind="full", dtype=dtype, chunk_rows=64))
+    want = teacher(inputs()["train"])
+    got = cache.read("train").tensors["logits"]
+    assert got.dtype == torch.float32
+    assert ((got - want).abs() <= tol * want.abs().clamp(min=1)).all()
+
+
+def test_topk_round_trip(tmp_path):
+    cache = build(tmp_path / "c.zarr", StoreSpec(kind="topk", k=3, dtype="float32", chunk_rows=64))
+    t = cache.read("train").tensors
+    want = teacher(inputs()["train"])
+    v, i = want.topk(3, dim=1)
+    assert torch.equal(t["values"], v) and torch.equal(t["indices"], i)
+    assert torch.allclose(t["logsumexp"], want.logsumexp(1))
+    assert cache.root["train"]["indices"].dtype == np.uint8  # smallest dtype holding C
+
+
+def test_sampled_round_trip_draws_from_teacher(tmp_path):
+    cache = build(tmp_path / "c.zarr", StoreSpec(kind="sampled", k=5, chunk_rows=64))
+    t = cache.read("train").tensors
+    assert torch.allclose(t["weights"].sum(1), torch.ones(300))
+    assert (t["weights"] >= 0).all() and t["indices"].max() < C
+    # the most drawn class agrees with the teacher's argmax far more often than chance
+    assert (t["indices"][:, 0] == teacher(inputs()["train"]).argmax(1)).float().mean() > 0.5
+
+
+def test_k_larger_than_classes_is_refused(tmp_path):
+    with pytest.raises(CacheError, match="k=11 is larger than the number of classes"):
+        build(tmp_path / "c.zarr", StoreSpec(kind="topk", k=11))
+
+
+def test_wrong_teacher_or_dataset_is_refused(tmp_path):
+    build(tmp_path / "c.zarr", StoreSpec(chunk_rows=64))
+    with pytest.raises(CacheError, match="another teacher"):
+        LogitCache(tmp_path / "c.zarr", "other-teacher", "data-fp")
+    with pytest.raises(CacheError, match="another dataset"):
+        LogitCache(tmp_path / "c.zarr", "teacher-fp", "other-data")
+
+
+def _set_attr(path, key, value):
+    g = zarr.open_group(path, mode="r+")
+    g.attrs[key] = value
+
+
+def test_incomplete_store_is_refused(tmp_path):
+    build(tmp_path / "c.zarr", StoreSpec(chunk_rows=64))
+    _set_attr(tmp_path / "c.zarr", "complete", False)
+    with pytest.raises(CacheError, match="incomplete"):
+        LogitCache(tmp_path / "c.zarr")
+
+
+def test_older_format_version_is_refused(tmp_path):
+    build(tmp_path / "c.zarr", StoreSpec(chunk_rows=64))
+    _set_attr(tmp_path / "c.zarr", "format_version", 0)
+    with pytest.raises(CacheError, match="format_version"):
+        LogitCache(tmp_path / "c.zarr")
+
+
+def test_shape_disagreeing_with_attributes_is_refused(tmp_path):
+    build(tmp_path / "c.zarr", StoreSpec(chunk_rows=64))
+    _set_attr(tmp_path / "c.zarr", "num_classes", 12)
+    with pytest.raises(CacheError, match="disagree with the attributes"):
+        LogitCache(tmp_path / "c.zarr")
+
+
+def test_altered_chunk_raises_on_read_and_verify(tmp_path):
+    cache = build(tmp_path / "c.zarr", StoreSpec(chunk_rows=64))
+    assert cache.verify()["train/logits"] == 5
+    chunk = tmp_path / "c.zarr" / "train" / "logits" / "c" / "1" / "0"
+    b = bytearray(chunk.read_bytes())
+    b[len(b) // 2] ^= 0x01
+    chunk.write_bytes(bytes(b))
+    cache = LogitCache(tmp_path / "c.zarr")
+    with pytest.raises(CacheError, match="corrupt"):
+        cache.read("train")
+    with pytest.raises(CacheError, match="chunk 1 is corrupt"):
+        cache.verify()
+
+
+def test_truncated_chunk_raises(tmp_path):
+    build(tmp_path / "c.zarr", StoreSpec(chunk_rows=64))
+    chunk = tmp_path / "c.zarr" / "test" / "logits" / "c" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-9])
+    with pytest.raises(CacheError, match="corrupt"):
+        LogitCache(tmp_path / "c.zarr").read("test")
+
+
+def test_missing_chunk_is_refused_not_filled_with_zeros(tmp_path):
+    build(tmp_path / "c.zarr", StoreSpec(chunk_rows=64))
+    (tmp_path / "c.zarr" / "train" / "logits" / "c" / "2" / "0").unlink()
+    with pytest.raises(CacheError, match="chunks are missing"):
+        LogitCache(tmp_path / "c.zarr")
+
+
+def test_interrupted_write_resumes_to_an_identical_store(tmp_path):
+    spec = StoreSpec(kind="sampled", k=4, chunk_rows=64)
+    ref = build(tmp_path / "ref.zarr", spec)
+    calls = {"n": 0}
+
+    def dying_teacher(x):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("killed")
+        return teacher(x)
+
+    path = tmp_path / "c.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        write_cache(path, dying_teacher, inputs(), spec, C, "teacher-fp", "data-fp", batch_size=40)
+    assert not path.exists()  # nothing marked complete in place
+    with pytest.raises(CacheError, match="partial store exists"):
+        LogitCache(path)
+    progress = json.loads((tmp_path / "c.zarr.partial" / "progress.0.json").read_text())
+    assert progress["train"] == [0, 1]  # two whole chunks were done before the kill
+    resumed = {"n": 0}
+
+    def counting_teacher(x):
+        resumed["n"] += len(x)
+        return teacher(x)
+
+    write_cache(path, counting_teacher, inputs(), spec, C, "teacher-fp", "data-fp", batch_size=40)
+    assert resumed["n"] == 370 - 128  # the finished chunks were not recomputed
+    got = LogitCache(path, "teacher-fp", "data-fp")
+    for split in ("train", "test"):
+        for k, v in ref.read(split).tensors.items():
+            assert torch.equal(got.read(split).tensors[k], v)
+    assert got.attrs == ref.attrs
+    assert not (tmp_path / "c.zarr.partial").exists()
+
+
+def test_partial_store_from_other_params_restarts(tmp_path):
+    path = tmp_path / "c.zarr"
+    build(path, StoreSpec(kind="full", chunk_rows=64))
+    shutil.move(path, tmp_path / "c.zarr.partial")  # pretend it is a leftover partial of other params
+    cache = build(path, StoreSpec(kind="topk", k=2, chunk_rows=64))
+    assert cache.kind == "topk"
+
+
+def test_second_writer_is_refused(tmp_path):
+    from filelock import FileLock
+
+    path = tmp_path / "c.zarr"
+    with FileLock(str(path) + ".lock"):
+        with pytest.raises(CacheError, match="another process is writing"):
+            build(path, StoreSpec(chunk_rows=64))
+
+
+def test_info_reports_sizes(tmp_path):
+    info = build(tmp_path / "c.zarr", StoreSpec(kind="topk", k=3, chunk_rows=64)).info()
+    assert info["bytes_on_disk"] > 0 and info["compression_ratio"] > 0
+    assert info["bytes_per_row"] == pytest.approx(info["bytes_on_disk"] / 370)
+    assert info["arrays"]["train/indices"] == [[300, 3], "uint8"]
