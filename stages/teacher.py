@@ -1,7 +1,12 @@
-"""DVC stage `teacher`: train the teacher on the full training split (kdsweep.pipeline.train_teacher)."""
+"""DVC stage `teacher`: train the teacher on the full training split (kdsweep.pipeline.train_teacher).
+
+Also runs under `torchrun --nproc-per-node N stages/teacher.py` (DistributedDataParallel).
+"""
 
 from kdsweep import pipeline
 from kdsweep.config import load_params
+from kdsweep.distributed import process_group
 
 if __name__ == "__main__":
-    pipeline.train_teacher(load_params())
+    with process_group() as (rank, world):
+        pipeline.train_teacher(load_params(), rank, world)

@@ -25,7 +25,12 @@ TINY: dict = {
             "sampled4": {"kind": "sampled", "k": 4},
         },
     },
-    "student": {"arch": "cnn1d", "width": 8, "budget": {"mode": "steps", "value": 20}, "batch_size": 32},
+    "student": {
+        "arch": "cnn1d",
+        "width": 8,
+        "budget": {"mode": "steps", "value": 20},
+        "batch_size": 32,
+    },
     "methods": {
         "ce": {},
         "ls": {"epsilon": 0.1},

@@ -18,7 +18,10 @@ def teacher(x: torch.Tensor) -> torch.Tensor:
 
 def inputs(n_train=300, n_test=70):
     g = torch.Generator().manual_seed(0)
-    return {"train": torch.randn(n_train, 16, generator=g), "test": torch.randn(n_test, 16, generator=g)}
+    return {
+        "train": torch.randn(n_train, 16, generator=g),
+        "test": torch.randn(n_test, 16, generator=g),
+    }
 
 
 def build(path, spec, **kw):
@@ -32,8 +35,17 @@ def test_full_float32_round_trip_is_exact(tmp_path):
     assert torch.equal(cache.read("train").tensors["logits"], teacher(x["train"]))
     assert torch.equal(cache.read("test").tensors["logits"], teacher(x["test"]))
     a = cache.attrs
-    assert a["complete"] is True and a["kind"] == "full" and a["splits"] == {"train": 300, "test": 70}
-    for key in ("format_version", "teacher_fingerprint", "dataset_fingerprint", "codec", "kdsweep_version", "views"):
+    assert (
+        a["complete"] is True and a["kind"] == "full" and a["splits"] == {"train": 300, "test": 70}
+    )
+    for key in (
+        "format_version",
+        "teacher_fingerprint",
+        "dataset_fingerprint",
+        "codec",
+        "kdsweep_version",
+        "views",
+    ):
         assert key in a
 
 
@@ -171,7 +183,9 @@ def test_interrupted_write_resumes_to_an_identical_store(tmp_path):
 def test_partial_store_from_other_params_restarts(tmp_path):
     path = tmp_path / "c.zarr"
     build(path, StoreSpec(kind="full", chunk_rows=64))
-    shutil.move(path, tmp_path / "c.zarr.partial")  # pretend it is a leftover partial of other params
+    shutil.move(
+        path, tmp_path / "c.zarr.partial"
+    )  # pretend it is a leftover partial of other params
     cache = build(path, StoreSpec(kind="topk", k=2, chunk_rows=64))
     assert cache.kind == "topk"
 

@@ -2,12 +2,21 @@ import pytest
 import torch
 
 from kdsweep.config import DataParams
-from kdsweep.data import DataError, build_splits, load_prepared, nested_order, subset_indices, write_prepared
+from kdsweep.data import (
+    DataError,
+    build_splits,
+    load_prepared,
+    nested_order,
+    subset_indices,
+    write_prepared,
+)
 
 
 def test_subsets_are_nested_and_class_balanced():
     gen = torch.Generator().manual_seed(0)
-    y = torch.cat([torch.full((n,), c) for c, n in enumerate([500, 300, 200])])[torch.randperm(1000, generator=gen)]
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate([500, 300, 200])])[
+        torch.randperm(1000, generator=gen)
+    ]
     order = nested_order(y, seed=3)
     assert sorted(order.tolist()) == list(range(1000))
     prev = set()

@@ -26,7 +26,13 @@ def test_lambda_limits():
     l0, _ = student_loss("kd", z, y, tgt, lam=0.0, tau=3.0, epsilon=0.0)
     assert torch.allclose(l0, F.cross_entropy(z, y, reduction="none"))
     l1, _ = student_loss("kd", z, y, tgt, lam=1.0, tau=3.0, epsilon=0.0)
-    assert torch.allclose(l1, 9.0 * (torch.softmax(t / 3, -1) * (torch.log_softmax(t / 3, -1) - torch.log_softmax(z / 3, -1))).sum(-1))
+    assert torch.allclose(
+        l1,
+        9.0
+        * (
+            torch.softmax(t / 3, -1) * (torch.log_softmax(t / 3, -1) - torch.log_softmax(z / 3, -1))
+        ).sum(-1),
+    )
     lh, _ = student_loss("kd", z, y, tgt, lam=0.25, tau=3.0, epsilon=0.0)
     assert torch.allclose(lh, 0.25 * l1 + 0.75 * l0)
 
@@ -41,7 +47,9 @@ def test_label_smoothing_matches_torch():
 def test_logit_mse_is_the_high_temperature_limit():
     torch.manual_seed(1)
     z, t = torch.randn(8, 10), torch.randn(8, 10)
-    assert torch.allclose(soft_kl(t.double(), z.double(), 1e4), logit_mse(t.double(), z.double()), rtol=1e-3)
+    assert torch.allclose(
+        soft_kl(t.double(), z.double(), 1e4), logit_mse(t.double(), z.double()), rtol=1e-3
+    )
 
 
 @pytest.mark.parametrize("mode", ["renorm", "tail"])
@@ -79,11 +87,20 @@ def test_sampled_estimator_is_unbiased():
     draws = []
     for seed in range(3000):
         r = encode_rows(t, spec, seed)
-        draws.append(sampled_ce(torch.from_numpy(r["indices"].astype("int64")), torch.from_numpy(r["weights"]).double(), z.double(), 1.0))
+        draws.append(
+            sampled_ce(
+                torch.from_numpy(r["indices"].astype("int64")),
+                torch.from_numpy(r["weights"]).double(),
+                z.double(),
+                1.0,
+            )
+        )
     est = torch.stack(draws)
     se = est.std(0) / math.sqrt(len(draws))
     assert ((est.mean(0) - exact).abs() < 4 * se).all(), (est.mean(0), exact, se)
-    assert torch.allclose(torch.from_numpy(encode_rows(t, spec, 0)["weights"]).sum(-1), torch.ones(3))
+    assert torch.allclose(
+        torch.from_numpy(encode_rows(t, spec, 0)["weights"]).sum(-1), torch.ones(3)
+    )
 
 
 def test_shuffled_dk_keeps_target_mass_and_entropy_but_changes_order():
@@ -102,7 +119,9 @@ def test_shuffled_dk_keeps_target_mass_and_entropy_but_changes_order():
 def test_ls_matched_has_the_teacher_target_mass_and_flat_rest():
     t, y = torch.randn(50, 10), torch.randint(0, 10, (50,))
     q = torch.softmax(control_targets("ls_matched", t, y, 0.0, 0), -1)
-    assert torch.allclose(q.gather(-1, y[:, None]), torch.softmax(t, -1).gather(-1, y[:, None]), atol=1e-6)
+    assert torch.allclose(
+        q.gather(-1, y[:, None]), torch.softmax(t, -1).gather(-1, y[:, None]), atol=1e-6
+    )
     rest = q.masked_fill(F.one_hot(y, 10).bool(), float("nan"))
     assert torch.allclose(rest.nanmean(-1), rest.nan_to_num(0).amax(-1), atol=1e-6)
 

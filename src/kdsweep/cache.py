@@ -41,7 +41,11 @@ from kdsweep.config import Codec
 from kdsweep.io import atomic_write_json
 
 FORMAT_VERSION = 1
-ARRAYS = {"full": ("logits",), "topk": ("values", "indices", "logsumexp"), "sampled": ("indices", "weights")}
+ARRAYS = {
+    "full": ("logits",),
+    "topk": ("values", "indices", "logsumexp"),
+    "sampled": ("indices", "weights"),
+}
 
 
 class CacheError(ValueError):
@@ -110,7 +114,9 @@ def encode_rows(logits: torch.Tensor, spec: StoreSpec, seed: int) -> dict[str, n
     gen = torch.Generator().manual_seed(seed)
     probs = torch.softmax(logits.double() / spec.sample_tau, dim=1)
     draws = torch.multinomial(probs, spec.k, replacement=True, generator=gen)
-    counts = torch.zeros_like(probs).scatter_add_(1, draws, torch.ones_like(draws, dtype=probs.dtype))
+    counts = torch.zeros_like(probs).scatter_add_(
+        1, draws, torch.ones_like(draws, dtype=probs.dtype)
+    )
     # keep the distinct draws first (by count, ties by class id), zero weight in the unused slots
     w, idx = counts.topk(spec.k, dim=1, sorted=True)
     return {"indices": idx.numpy().astype(idt), "weights": (w / spec.k).numpy().astype(np.float32)}
@@ -121,12 +127,18 @@ def _array_layout(spec: StoreSpec, n: int, c: int) -> dict[str, tuple[tuple[int,
     f = _float_np(spec.dtype)
     return {
         "full": {"logits": ((n, c), f)},
-        "topk": {"values": ((n, k), f), "indices": ((n, k), index_dtype(c)), "logsumexp": ((n,), np.dtype(np.float32))},
+        "topk": {
+            "values": ((n, k), f),
+            "indices": ((n, k), index_dtype(c)),
+            "logsumexp": ((n,), np.dtype(np.float32)),
+        },
         "sampled": {"indices": ((n, k), index_dtype(c)), "weights": ((n, k), np.dtype(np.float32))},
     }[spec.kind]
 
 
-def _root_attrs(spec: StoreSpec, num_classes: int, teacher_fp: str, dataset_fp: str, splits: dict[str, int]) -> dict:
+def _root_attrs(
+    spec: StoreSpec, num_classes: int, teacher_fp: str, dataset_fp: str, splits: dict[str, int]
+) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "kind": spec.kind,
@@ -157,63 +169,86 @@ def write_cache(
     batch_size: int = 1024,
     rank: int = 0,
     world: int = 1,
+    barrier: Callable[[], None] = lambda: None,
 ) -> None:
     """Run `teacher` (inputs -> float32 logits) over every split and store its outputs.
 
     Resumable: chunks already recorded in the partial store's progress are skipped. With
-    `world > 1` each rank writes the chunks i with i % world == rank of one shared partial
-    store; rank 0 waits for everyone (the caller provides the barrier) and finalises.
+    `world > 1` (torchrun) rank r writes the chunks i with i % world == r of one shared partial
+    store; `barrier` synchronises the ranks, and rank 0 (which holds the writer lock) creates
+    the store first and finalises it last. Every chunk is computed from the same batches whatever
+    the world size, so the finished store is the same bit for bit.
     """
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     splits = {name: len(x) for name, x in inputs.items()}
     attrs = _root_attrs(spec, num_classes, teacher_fingerprint, dataset_fingerprint, splits)
     lock = FileLock(str(path) + ".lock")
+    if rank == 0:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise CacheError(
+                f"another process is writing {path} (lock {lock.lock_file}); refusing to interleave"
+            ) from None
     try:
-        lock.acquire(timeout=0 if world == 1 else 600)
-    except Timeout:
-        raise CacheError(f"another process is writing {path} (lock {lock.lock_file}); refusing to interleave") from None
-    try:
-        root = _open_partial(partial, attrs, spec, num_classes, rank)
-        progress = _read_progress(partial)
+        if rank == 0:
+            _open_partial(partial, attrs, spec, num_classes)
+        barrier()
+        root = zarr.open_group(partial, mode="r+")
+        done = _read_progress(partial)
         for split, x in inputs.items():
             n = len(x)
             n_chunks = -(-n // spec.chunk_rows)
-            mine = [i for i in range(n_chunks) if i % world == rank and i not in progress.get(split, [])]
+            mine = [
+                i for i in range(n_chunks) if i % world == rank and i not in done.get(split, [])
+            ]
             for i in tqdm(mine, desc=f"cache {path.name}/{split}", disable=None, unit="chunk"):
                 lo, hi = i * spec.chunk_rows, min(n, (i + 1) * spec.chunk_rows)
                 with torch.no_grad():
-                    logits = torch.cat([teacher(x[j : min(hi, j + batch_size)]).float() for j in range(lo, hi, batch_size)])
+                    logits = torch.cat(
+                        [
+                            teacher(x[j : min(hi, j + batch_size)]).float()
+                            for j in range(lo, hi, batch_size)
+                        ]
+                    )
                 seed = spec.sample_seed * 1_000_003 + i + (0 if split == "train" else 500_009)
                 for name, arr in encode_rows(logits, spec, seed).items():
                     root[split][name][lo:hi] = arr
                 _record_progress(partial, split, i, rank)
+        barrier()
+        if rank == 0:
+            finalize_cache(path)
     finally:
-        lock.release()
-    if rank == 0 and world == 1:
-        finalize_cache(path)
+        if rank == 0:
+            lock.release()
 
 
-def _open_partial(partial: Path, attrs: dict, spec: StoreSpec, num_classes: int, rank: int) -> zarr.Group:
+def _open_partial(partial: Path, attrs: dict, spec: StoreSpec, num_classes: int) -> None:
+    """Create the partial store, or keep an existing one written with the same attributes (resume)."""
     if partial.exists():
-        root = zarr.open_group(partial, mode="r+")
-        old = {k: v for k, v in root.attrs.asdict().items() if k != "complete"}
-        if old == {k: v for k, v in attrs.items() if k != "complete"}:
-            return root  # resume
-        if rank != 0:
-            return root
+        try:
+            same = zarr.open_group(partial, mode="r").attrs.asdict() == attrs
+        except Exception:  # unreadable leftover of a killed writer
+            same = False
+        if same:
+            return
         shutil.rmtree(partial)  # a leftover from other params or another teacher: restart
-    if rank != 0:
-        raise CacheError(f"rank {rank}: partial store {partial} does not exist; rank 0 creates it first")
     root = zarr.open_group(partial, mode="w")
     for split, n in attrs["splits"].items():
         g = root.create_group(split)
         g.attrs.update({"split": split, "num_rows": n})
         for name, (shape, dt) in _array_layout(spec, n, num_classes).items():
             chunks = (spec.chunk_rows, *shape[1:])
-            g.create_array(name, shape=shape, chunks=chunks, dtype=dt, compressors=_compressors(spec.codec), fill_value=0)
+            g.create_array(
+                name,
+                shape=shape,
+                chunks=chunks,
+                dtype=dt,
+                compressors=_compressors(spec.codec),
+                fill_value=0,
+            )
     root.attrs.update(attrs)
-    return root
 
 
 def _progress_file(partial: Path, rank: int) -> Path:
@@ -243,7 +278,9 @@ def finalize_cache(path: Path) -> None:
     for split, n in root.attrs["splits"].items():
         expected = set(range(-(-n // root.attrs["chunk_rows"])))
         if set(done.get(split, [])) != expected:
-            raise CacheError(f"{partial}: split {split} is missing chunks {sorted(expected - set(done.get(split, [])))}")
+            raise CacheError(
+                f"{partial}: split {split} is missing chunks {sorted(expected - set(done.get(split, [])))}"
+            )
     for f in partial.glob("progress.*.json"):
         f.unlink()
     root.attrs["complete"] = True
@@ -272,11 +309,20 @@ class CacheSplit:
 class LogitCache:
     """A verified, read-only view of a complete store. Opening checks provenance and shapes."""
 
-    def __init__(self, path: Path, teacher_fingerprint: str | None = None, dataset_fingerprint: str | None = None):
+    def __init__(
+        self,
+        path: Path,
+        teacher_fingerprint: str | None = None,
+        dataset_fingerprint: str | None = None,
+    ):
         self.path = Path(path)
         if not self.path.exists():
             partial = self.path.with_name(self.path.name + ".partial")
-            hint = " (a partial store exists: the cache stage was interrupted; re-run it)" if partial.exists() else ""
+            hint = (
+                " (a partial store exists: the cache stage was interrupted; re-run it)"
+                if partial.exists()
+                else ""
+            )
             raise CacheError(f"cache {self.path} not found{hint}: run `dvc repro` or `dvc pull`")
         try:
             self.root = zarr.open_group(self.path, mode="r")
@@ -290,7 +336,9 @@ class LogitCache:
                 f"{FORMAT_VERSION}: rebuild it with `dvc repro -f` on its cache stage"
             )
         if a.get("complete") is not True:
-            raise CacheError(f"{self.path} is incomplete (complete={a.get('complete')}): re-run its cache stage")
+            raise CacheError(
+                f"{self.path} is incomplete (complete={a.get('complete')}): re-run its cache stage"
+            )
         for what, want in (("teacher", teacher_fingerprint), ("dataset", dataset_fingerprint)):
             have = a.get(f"{what}_fingerprint")
             if want is not None and have != want:
@@ -379,6 +427,8 @@ class LogitCache:
                     try:
                         arr[lo : lo + step]
                     except Exception as err:
-                        raise CacheError(f"{self.path}/{split}/{name}: chunk {lo // step} is corrupt ({err})") from None
+                        raise CacheError(
+                            f"{self.path}/{split}/{name}: chunk {lo // step} is corrupt ({err})"
+                        ) from None
                 counts[f"{split}/{name}"] = arr.nchunks
         return counts

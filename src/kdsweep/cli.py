@@ -11,7 +11,9 @@ from rich.table import Table
 
 from kdsweep.cache import CacheError, LogitCache
 
-app = typer.Typer(help="Knowledge distillation vs dataset size, from cached teacher logits.", no_args_is_help=True)
+app = typer.Typer(
+    help="Knowledge distillation vs dataset size, from cached teacher logits.", no_args_is_help=True
+)
 cache_app = typer.Typer(help="Inspect and verify logit caches.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 console = Console()
@@ -49,7 +51,9 @@ def cache_verify(path: Path) -> None:
     except CacheError as err:
         console.print(f"[red]corrupt:[/red] {err}")
         raise typer.Exit(1) from None
-    console.print(f"[green]ok[/green]: {sum(counts.values())} chunks verified in {len(counts)} arrays")
+    console.print(
+        f"[green]ok[/green]: {sum(counts.values())} chunks verified in {len(counts)} arrays"
+    )
 
 
 @app.command()
@@ -64,13 +68,17 @@ def results(
     import pyarrow.parquet as pq
 
     if not path.exists():
-        console.print(f"[red]error:[/red] {path} not found: run `dvc repro` (or `dvc repro aggregate`)")
+        console.print(
+            f"[red]error:[/red] {path} not found: run `dvc repro` (or `dvc repro aggregate`)"
+        )
         raise typer.Exit(1)
     tbl = pq.read_table(path)
     if method:
         tbl = tbl.filter(pc.is_in(tbl["method"], value_set=__import__("pyarrow").array(method)))
     if alpha:
-        tbl = tbl.filter(pc.is_in(tbl["alpha"], value_set=__import__("pyarrow").array(alpha, "float64")))
+        tbl = tbl.filter(
+            pc.is_in(tbl["alpha"], value_set=__import__("pyarrow").array(alpha, "float64"))
+        )
     cols = [c for c in columns.split(",") if c in tbl.column_names]
     t = Table()
     for c in cols:
@@ -82,7 +90,12 @@ def results(
 
 
 @app.command()
-def student(alpha: float, method: str, out_dir: Path = Path("data/students/manual"), params: Path = Path("params.yaml")) -> None:
+def student(
+    alpha: float,
+    method: str,
+    out_dir: Path = Path("data/students/manual"),
+    params: Path = Path("params.yaml"),
+) -> None:
     """Train the students of one (alpha, method) by hand, from the cache, exactly as the stage does."""
     from kdsweep import pipeline
     from kdsweep.config import load_params

@@ -36,8 +36,9 @@ class Strict(BaseModel):
 
 
 class DataParams(Strict):
-    name: Literal["mnist1d", "digits", "cifar10", "cifar100", "mnist", "fashionmnist", "svhn",
-                  "imagefolder"] = "mnist1d"
+    name: Literal[
+        "mnist1d", "digits", "cifar10", "cifar100", "mnist", "fashionmnist", "svhn", "imagefolder"
+    ] = "mnist1d"
     n_train: int = Field(40000, gt=0)
     n_test: int = Field(10000, gt=0)
     seed: int = 0
@@ -209,7 +210,9 @@ class Params(Strict):
         a = self.analysis
         for key, name in (("baseline", a.baseline), ("reference", a.reference)):
             if name not in self.methods:
-                raise ValueError(f"analysis.{key}={name!r} is not one of methods ({', '.join(self.methods)})")
+                raise ValueError(
+                    f"analysis.{key}={name!r} is not one of methods ({', '.join(self.methods)})"
+                )
         return self
 
 
@@ -253,7 +256,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 def params_hash(*sections: Any) -> str:
     """Short stable hash of the params that define a run (recorded in runs.parquet)."""
     blob = json.dumps(
-        [s.model_dump(mode="json", by_alias=True) if isinstance(s, BaseModel) else s for s in sections],
+        [
+            s.model_dump(mode="json", by_alias=True) if isinstance(s, BaseModel) else s
+            for s in sections
+        ],
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -164,11 +164,19 @@ def load_prepared(path: Path) -> Prepared:
         t = load_file(path / "dataset.safetensors")
         o = load_file(path / "subsets.safetensors")
     except FileNotFoundError as err:
-        raise DataError(f"prepared dataset incomplete ({err.filename} missing): run `dvc repro prepare`") from None
+        raise DataError(
+            f"prepared dataset incomplete ({err.filename} missing): run `dvc repro prepare`"
+        ) from None
     except Exception as err:  # safetensors raises its own error type on truncation
-        raise DataError(f"prepared dataset in {path} is corrupt ({err}): run `dvc repro -f prepare`") from None
-    splits = Splits(t["x_train"], t["y_train"], t["x_test"], t["y_test"], meta["num_classes"], meta["name"])
+        raise DataError(
+            f"prepared dataset in {path} is corrupt ({err}): run `dvc repro -f prepare`"
+        ) from None
+    splits = Splits(
+        t["x_train"], t["y_train"], t["x_test"], t["y_test"], meta["num_classes"], meta["name"]
+    )
     if splits.fingerprint != meta["fingerprint"]:
-        raise DataError(f"prepared dataset in {path} does not match its meta.json: run `dvc repro -f prepare`")
+        raise DataError(
+            f"prepared dataset in {path} does not match its meta.json: run `dvc repro -f prepare`"
+        )
     orders = {int(k.removeprefix("order_")): v for k, v in o.items()}
     return Prepared(splits, orders, meta["fingerprint"])

@@ -65,7 +65,9 @@ def topk_kl(
         return tau**2 * (torch.special.xlogy(p, p) - p * q_top).sum(-1)
     log_p = values - logsumexp.unsqueeze(-1)
     log_p_tail = _log1mexp(torch.logsumexp(log_p, -1, keepdim=True))
-    if indices.shape[-1] == student_logits.shape[-1]:  # k = C: the tail is empty, not rounding noise
+    if (
+        indices.shape[-1] == student_logits.shape[-1]
+    ):  # k = C: the tail is empty, not rounding noise
         log_p_tail = torch.full_like(log_p_tail, -torch.inf)
     p = torch.softmax(torch.cat([log_p, log_p_tail], -1) / tau, dim=-1)
     q_tail = _log1mexp(torch.logsumexp(q_top, -1, keepdim=True), eps=1e-12)
@@ -73,7 +75,9 @@ def topk_kl(
     return tau**2 * (torch.special.xlogy(p, p) - p * log_q_buckets).sum(-1)
 
 
-def sampled_ce(indices: torch.Tensor, weights: torch.Tensor, student_logits: torch.Tensor, tau: float) -> torch.Tensor:
+def sampled_ce(
+    indices: torch.Tensor, weights: torch.Tensor, student_logits: torch.Tensor, tau: float
+) -> torch.Tensor:
     """τ²·Σ_j w_j·(−log p_S^τ(c_j)): an unbiased estimate of τ²·CE(p_T^τ_sample, p_S^τ).
 
     It differs from τ²·KL by the teacher's entropy, a constant with no gradient.
@@ -82,7 +86,9 @@ def sampled_ce(indices: torch.Tensor, weights: torch.Tensor, student_logits: tor
     return -(tau**2) * (weights * log_q.gather(-1, indices)).sum(-1)
 
 
-def control_targets(loss: str, teacher_logits: torch.Tensor, y: torch.Tensor, epsilon: float, seed: int) -> torch.Tensor:
+def control_targets(
+    loss: str, teacher_logits: torch.Tensor, y: torch.Tensor, epsilon: float, seed: int
+) -> torch.Tensor:
     """Teacher-like target logits for each hypothesis control (log-probabilities up to a constant).
 
     ls_teacher:  log((1−ε)·onehot(y) + ε/C) — uniform smoothing used as a teacher through τ.
@@ -128,7 +134,9 @@ def student_loss(
     `targets` are the cached teacher rows of this batch, already passed through
     `control_targets` for the controls; `top1_teacher` students get the teacher's argmax as `y`.
     """
-    ce = F.cross_entropy(student_logits, y, reduction="none", label_smoothing=epsilon if loss == "ls" else 0.0)
+    ce = F.cross_entropy(
+        student_logits, y, reduction="none", label_smoothing=epsilon if loss == "ls" else 0.0
+    )
     if loss in ("ce", "ls", "top1_teacher"):
         return ce, torch.zeros_like(ce)
     assert targets is not None, f"loss {loss} needs cached teacher targets"

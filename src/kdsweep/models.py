@@ -38,7 +38,11 @@ class MLP(nn.Module):
     def __init__(self, in_features: int, num_classes: int, width: int = 64):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Flatten(), nn.Linear(in_features, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU()
+            nn.Flatten(),
+            nn.Linear(in_features, width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.ReLU(),
         )
         self.head = nn.Linear(width, num_classes)
 
@@ -50,7 +54,9 @@ def build_model(arch: str, input_shape: tuple[int, ...], num_classes: int, width
     """One constructor for teachers and students, so both sides of a comparison are built alike."""
     if arch == "cnn1d":
         if len(input_shape) != 2:
-            raise ValueError(f"arch cnn1d needs inputs shaped (channels, length), got {input_shape}")
+            raise ValueError(
+                f"arch cnn1d needs inputs shaped (channels, length), got {input_shape}"
+            )
         return CNN1D(input_shape[0], input_shape[1], num_classes, width)
     if arch == "mlp":
         return MLP(math.prod(input_shape), num_classes, width)

@@ -22,6 +22,7 @@ import torch
 from kdsweep.cache import CacheSplit, LogitCache, StoreSpec, write_cache
 from kdsweep.config import MethodParams, Params, all_alphas, params_hash
 from kdsweep.data import Prepared, build_splits, load_prepared, write_prepared
+from kdsweep.distributed import barrier
 from kdsweep.io import atomic_write_json, file_sha256, load_checkpoint, save_checkpoint
 from kdsweep.losses import KD_LOSSES, control_targets, student_loss
 from kdsweep.models import build_model, reinit_head
@@ -45,7 +46,9 @@ def store_path(name: str) -> Path:
 
 def git_rev() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -60,28 +63,53 @@ def _teacher_model(p: Params, prep: Prepared) -> torch.nn.Module:
     return build_model(p.teacher.arch, tuple(s.x_train.shape[1:]), s.num_classes, p.teacher.width)
 
 
-def train_teacher(p: Params) -> dict[str, Any]:
-    """Train the teacher on the full training split (α=1); save it and its random-head control."""
+def train_teacher(p: Params, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """Train the teacher on the full training split (α=1); save it and its random-head control.
+
+    Under torchrun (`world > 1`) the model is wrapped in DistributedDataParallel and each rank
+    trains on its own equal shard of the training split; rank 0 saves.
+    """
     prep = load_prepared(PREPARED)
     s, t = prep.splits, p.teacher
-    device = pick_device(t.device)
+    device = pick_device(t.device) if world == 1 else _rank_device(t.device, rank)
     model = _teacher_model(p, prep).to(device)
-    x, y = s.x_train.to(device), s.y_train.to(device)
+    shard = len(s.y_train) // world
+    x = s.x_train[rank * shard : (rank + 1) * shard].to(device)
+    y = s.y_train[rank * shard : (rank + 1) * shard].to(device)
     steps = num_steps("epochs", t.epochs, len(y), t.batch_size)
+    net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(model)
     seconds = fit(
-        model, x, lambda z, i: torch.nn.functional.cross_entropy(z, y[i], reduction="none"),
-        steps, t.batch_size, t.lr, t.weight_decay, t.seed, desc="teacher",
+        net,
+        x,
+        lambda z, i: torch.nn.functional.cross_entropy(z, y[i], reduction="none"),
+        steps,
+        t.batch_size,
+        t.lr,
+        t.weight_decay,
+        t.seed + rank,
+        desc="teacher",
     )
     model = model.cpu()
+    if rank != 0:
+        return {}
     metrics: dict[str, Any] = {"train_seconds": seconds, "steps": steps}
     for tid in TEACHER_IDS:
         if tid == "random_head":
             reinit_head(model, t.seed + 1)
-        save_checkpoint(model, teacher_path(tid), {"arch": t.arch, "dataset_fingerprint": prep.fingerprint})
+        save_checkpoint(
+            model, teacher_path(tid), {"arch": t.arch, "dataset_fingerprint": prep.fingerprint}
+        )
         acc = evaluate(predict(model, s.x_test), s.y_test, None)["test_acc"]
         metrics[tid] = {"test_acc": acc, "fingerprint": file_sha256(teacher_path(tid))}
     atomic_write_json(TEACHERS / "metrics.json", metrics)
     return metrics
+
+
+def _rank_device(name: str, rank: int) -> torch.device:
+    device = pick_device(name)
+    return (
+        torch.device("cuda", rank % torch.cuda.device_count()) if device.type == "cuda" else device
+    )
 
 
 def load_teacher(p: Params, teacher_id: str) -> tuple[torch.nn.Module, str]:
@@ -97,30 +125,51 @@ def build_cache(p: Params, name: str, rank: int = 0, world: int = 1) -> None:
     store = p.cache.stores[name]
     prep = load_prepared(PREPARED)
     model, teacher_fp = load_teacher(p, store.teacher)
-    spec = StoreSpec(store.kind, store.dtype, store.k, p.cache.chunk_rows, p.cache.codec, store.sample_seed)
+    spec = StoreSpec(
+        store.kind, store.dtype, store.k, p.cache.chunk_rows, p.cache.codec, store.sample_seed
+    )
     inputs = {"train": prep.splits.x_train, "test": prep.splits.x_test}
     write_cache(
-        store_path(name), model, inputs, spec, prep.splits.num_classes, teacher_fp, prep.fingerprint,
-        p.cache.batch_size, rank, world,
+        store_path(name),
+        model,
+        inputs,
+        spec,
+        prep.splits.num_classes,
+        teacher_fp,
+        prep.fingerprint,
+        p.cache.batch_size,
+        rank,
+        world,
+        barrier,
     )
-    if rank == 0 and world == 1:
+    if rank == 0:
         write_cache_summary(p, name)
 
 
 def write_cache_summary(p: Params, name: str) -> None:
     info = LogitCache(store_path(name)).info()
     a = info["attributes"]
-    teacher_acc = (TEACHERS / "metrics.json")
+    teacher_acc = TEACHERS / "metrics.json"
     acc = None
     if teacher_acc.exists():
         import json
 
         acc = json.loads(teacher_acc.read_text())[p.cache.stores[name].teacher]["test_acc"]
-    atomic_write_json(LOGITS / f"{name}.json", {
-        "name": name, "kind": a["kind"], "k": a["k"], "dtype": a["dtype"], "teacher": p.cache.stores[name].teacher,
-        "bytes_on_disk": info["bytes_on_disk"], "bytes_per_row": info["bytes_per_row"],
-        "compression_ratio": info["compression_ratio"], "teacher_test_acc": acc, "num_rows": sum(a["splits"].values()),
-    })
+    atomic_write_json(
+        LOGITS / f"{name}.json",
+        {
+            "name": name,
+            "kind": a["kind"],
+            "k": a["k"],
+            "dtype": a["dtype"],
+            "teacher": p.cache.stores[name].teacher,
+            "bytes_on_disk": info["bytes_on_disk"],
+            "bytes_per_row": info["bytes_per_row"],
+            "compression_ratio": info["compression_ratio"],
+            "teacher_test_acc": acc,
+            "num_rows": sum(a["splits"].values()),
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -145,6 +194,7 @@ def student_jobs(p: Params, alpha: float, method: str) -> list[StudentJob]:
 
 def open_caches(p: Params, m: MethodParams, prep: Prepared) -> tuple[LogitCache, LogitCache]:
     """The method's cache and the full reference cache, both checked against teacher and dataset."""
+
     def open_store(name: str) -> LogitCache:
         tid = p.cache.stores[name].teacher
         return LogitCache(store_path(name), file_sha256(teacher_path(tid)), prep.fingerprint)
@@ -159,17 +209,21 @@ def train_students(p: Params, alpha: float, method: str) -> list[dict[str, Any]]
     cache, ref = open_caches(p, m, prep)
     train_targets = cache.read("train")
     ref_test = ref.read("test").tensors["logits"]
-    s = prep.splits
     device = pick_device(p.student.device)
     phash = params_hash(p.data, p.student, m, p.cache.stores[m.cache])
     rev = git_rev()
     rows = []
     for job in student_jobs(p, alpha, method):
-        rows.append(train_one(p, job, prep, train_targets, ref_test, device) | {"params_hash": phash, "git_rev": rev})
+        rows.append(
+            train_one(p, job, prep, train_targets, ref_test, device)
+            | {"params_hash": phash, "git_rev": rev}
+        )
     return rows
 
 
-def subset_targets(job: StudentJob, prep: Prepared, targets: CacheSplit) -> tuple[torch.Tensor, torch.Tensor, CacheSplit]:
+def subset_targets(
+    job: StudentJob, prep: Prepared, targets: CacheSplit
+) -> tuple[torch.Tensor, torch.Tensor, CacheSplit]:
     """The student's inputs, labels and teacher rows: controls transform the teacher rows here."""
     idx = prep.subset(job.alpha, job.subset_seed)
     s = prep.splits
@@ -180,14 +234,21 @@ def subset_targets(job: StudentJob, prep: Prepared, targets: CacheSplit) -> tupl
             raise ValueError(f"method {job.method} ({loss}) needs a full cache, got {t.kind}")
     if loss in KD_LOSSES and loss != "kd":
         seed = 1000 * job.subset_seed + job.train_seed
-        t = CacheSplit("full", {"logits": control_targets(loss, t.tensors["logits"], y, job.m.epsilon, seed)})
+        t = CacheSplit(
+            "full", {"logits": control_targets(loss, t.tensors["logits"], y, job.m.epsilon, seed)}
+        )
     if loss == "top1_teacher":
         y = t.tensors["logits"].argmax(-1)
     return x, y, t
 
 
 def train_one(
-    p: Params, job: StudentJob, prep: Prepared, targets: CacheSplit, ref_test: torch.Tensor, device: torch.device
+    p: Params,
+    job: StudentJob,
+    prep: Prepared,
+    targets: CacheSplit,
+    ref_test: torch.Tensor,
+    device: torch.device,
 ) -> dict[str, Any]:
     x, y, t = subset_targets(job, prep, targets)
     x, y, t = x.to(device), y.to(device), t.to(device)
@@ -204,8 +265,17 @@ def train_one(
         neg += (d < 0).sum()
         return total
 
-    seconds = fit(model, x, loss_fn, steps, st.batch_size, st.lr, st.weight_decay, job.train_seed,
-                  desc=f"{job.method} α={job.alpha:g} s={job.subset_seed}")
+    seconds = fit(
+        model,
+        x,
+        loss_fn,
+        steps,
+        st.batch_size,
+        st.lr,
+        st.weight_decay,
+        job.train_seed,
+        desc=f"{job.method} α={job.alpha:g} s={job.subset_seed}",
+    )
     model = model.cpu()
     metrics = evaluate(predict(model, prep.splits.x_test), prep.splits.y_test, ref_test)
     n_seen = steps * min(st.batch_size, len(y))
@@ -213,10 +283,13 @@ def train_one(
     uses_teacher = m.loss not in ("ce", "ls")
     return {
         "run_id": uuid.uuid5(uuid.NAMESPACE_URL, f"{job}").hex[:12],
-        "dataset": p.data.name, "task": "vision",
+        "dataset": p.data.name,
+        "task": "vision",
         "teacher_id": store.teacher if uses_teacher else None,
-        "teacher_arch": p.teacher.arch, "student_arch": st.arch,
-        "method": job.method, "loss": m.loss,
+        "teacher_arch": p.teacher.arch,
+        "student_arch": st.arch,
+        "method": job.method,
+        "loss": m.loss,
         "lam": m.lam if m.loss in (*KD_LOSSES, "logit_mse") else None,
         "tau": job.tau if m.loss in KD_LOSSES else None,
         "epsilon": m.epsilon if m.loss in ("ls", "ls_teacher") else None,
@@ -224,10 +297,19 @@ def train_one(
         "cache_kind": store.kind if uses_teacher else None,
         "k": store.k if uses_teacher else None,
         "topk_mode": m.topk_mode if uses_teacher and store.kind == "topk" else None,
-        "alpha": job.alpha, "n_train": len(y), "subset_seed": job.subset_seed, "train_seed": job.train_seed,
-        "budget_mode": st.budget.mode, "epochs": n_seen / len(y), "steps": steps,
-        "test_acc": metrics["test_acc"], "test_error": metrics["test_error"], "test_ppl": None,
-        "agreement": metrics["agreement"], "test_kl": metrics["test_kl"], "ece": metrics["ece"],
+        "alpha": job.alpha,
+        "n_train": len(y),
+        "subset_seed": job.subset_seed,
+        "train_seed": job.train_seed,
+        "budget_mode": st.budget.mode,
+        "epochs": n_seen / len(y),
+        "steps": steps,
+        "test_acc": metrics["test_acc"],
+        "test_error": metrics["test_error"],
+        "test_ppl": None,
+        "agreement": metrics["agreement"],
+        "test_kl": metrics["test_kl"],
+        "ece": metrics["ece"],
         "neg_kl_frac": float(neg) / n_seen if uses_teacher else None,
         "train_seconds": seconds,
     }
@@ -236,9 +318,13 @@ def train_one(
 def run_student_stage(p: Params, alpha: float, method: str, out_dir: Path) -> Path:
     """Train all students of one (α, method) and write `out_dir/runs.json` atomically."""
     if method not in p.methods:
-        raise ValueError(f"method {method!r} is not in params.yaml methods ({', '.join(p.methods)})")
+        raise ValueError(
+            f"method {method!r} is not in params.yaml methods ({', '.join(p.methods)})"
+        )
     if alpha not in all_alphas(p):
-        raise ValueError(f"alpha {alpha} is in neither alphas nor sweep.ablation_alphas {all_alphas(p)}")
+        raise ValueError(
+            f"alpha {alpha} is in neither alphas nor sweep.ablation_alphas {all_alphas(p)}"
+        )
     out = Path(out_dir) / "runs.json"
     atomic_write_json(out, train_students(p, alpha, method))
     return out

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, batch row ids) -> per-sample
+LossFn = Callable[
+    [torch.Tensor, torch.Tensor], torch.Tensor
+]  # (logits, batch row ids) -> per-sample
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -95,13 +97,20 @@ def expected_calibration_error(logits: torch.Tensor, y: torch.Tensor, bins: int 
     return float(ece)
 
 
-def evaluate(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None) -> dict[str, float]:
+def evaluate(
+    logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None
+) -> dict[str, float]:
     """Test accuracy and calibration; agreement and KL(teacher‖student) when teacher outputs exist."""
     acc = float((logits.argmax(-1) == y).float().mean())
     out = {"test_acc": acc, "test_error": 1 - acc, "ece": expected_calibration_error(logits, y)}
     if teacher_logits is not None:
         out["agreement"] = float((logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean())
         out["test_kl"] = float(
-            F.kl_div(torch.log_softmax(logits, -1), torch.log_softmax(teacher_logits, -1), log_target=True, reduction="batchmean")
+            F.kl_div(
+                torch.log_softmax(logits, -1),
+                torch.log_softmax(teacher_logits, -1),
+                log_target=True,
+                reduction="batchmean",
+            )
         )
     return out

@@ -1,0 +1,129 @@
+import json
+
+import pytest
+import torch
+
+from kdsweep import models, pipeline
+from kdsweep.config import ParamsError, parse_params
+from kdsweep.data import DataError
+from tests.conftest import tiny_raw
+
+ALL_METHODS = list(tiny_raw()["methods"])
+
+
+def test_students_of_every_method_train_from_the_cache_without_the_teacher(
+    workspace, tiny_params, monkeypatch
+):
+    """Any teacher construction, checkpoint load or teacher-width forward raises: students never need one."""
+
+    def forbidden(*a, **k):
+        raise AssertionError("the student stage touched the teacher")
+
+    monkeypatch.setattr(pipeline, "load_teacher", forbidden)
+    monkeypatch.setattr(pipeline, "_teacher_model", forbidden)
+    monkeypatch.setattr(pipeline, "load_checkpoint", forbidden)
+    real_forward = models.CNN1D.forward
+
+    def guarded_forward(self, x):
+        if self.features[0].out_channels == tiny_params.teacher.width:
+            forbidden()
+        return real_forward(self, x)
+
+    monkeypatch.setattr(models.CNN1D, "forward", guarded_forward)
+    for method in ALL_METHODS:
+        out = pipeline.run_student_stage(
+            tiny_params, 0.05, method, workspace / "data/students" / method
+        )
+        rows = json.loads(out.read_text())
+        n_tau = len(tiny_params.methods[method].taus)
+        assert len(rows) == 2 * n_tau, method  # two subset seeds × τ variants
+        for r in rows:
+            assert 0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["agreement"] <= 1.0
+            assert r["n_train"] == 30 and r["method"] == method
+            assert r["test_kl"] >= 0 and r["ece"] >= 0
+
+
+def test_seeds_are_deterministic_on_cpu(workspace, tiny_params):
+    a = pipeline.train_students(tiny_params, 0.05, "kd")
+    b = pipeline.train_students(tiny_params, 0.05, "kd")
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rows]  # noqa: E731
+    assert strip(a) == strip(b)
+    assert a[0]["test_acc"] != a[1]["test_acc"] or a[0]["subset_seed"] != a[1]["subset_seed"]
+
+
+def test_student_refuses_a_cache_from_another_teacher(workspace, tiny_params):
+    import shutil
+
+    shutil.copy(
+        workspace / "data/teachers/random_head.safetensors",
+        workspace / "data/teachers/main.safetensors",
+    )
+    with pytest.raises(ValueError, match="another teacher"):
+        pipeline.run_student_stage(tiny_params, 0.05, "kd", workspace / "out")
+
+
+def test_subset_too_small_for_the_classes_is_refused(workspace):
+    raw = tiny_raw()
+    raw["alphas"] = [0.01, 1.0]  # 6 of 600 samples < 10 classes
+    with pytest.raises(DataError, match="fewer than the 10 classes"):
+        pipeline.run_student_stage(parse_params(raw), 0.01, "ce", workspace / "out")
+
+
+def test_pickled_checkpoint_is_refused_without_running_it(workspace, tiny_params, tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (workspace / "data/teachers/main.safetensors").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(ValueError, match="not a valid safetensors checkpoint"):
+        pipeline.load_teacher(tiny_params, "main")
+    assert not marker.exists()
+
+
+def test_checkpoint_with_wrong_shapes_is_refused(workspace):
+    raw = tiny_raw()
+    raw["teacher"]["width"] = 32
+    with pytest.raises(ValueError, match="does not fit the configured model"):
+        pipeline.load_teacher(parse_params(raw), "main")
+
+
+def test_nan_loss_stops_with_a_clear_error(workspace, tiny_params):
+    from kdsweep.train import NonFiniteLoss, fit
+
+    m = models.build_model("mlp", (1, 40), 10, 8)
+    x = torch.randn(50, 1, 40)
+    with pytest.raises(NonFiniteLoss, match="loss became nan"):
+        fit(m, x, lambda z, i: z.sum(-1) * float("nan"), 3, 16, 0.01, 0.0, 0)
+
+
+@pytest.mark.parametrize(
+    "path,value,message",
+    [
+        (("alphas",), [0.0, 0.5], "alphas: every alpha must lie in (0, 1]"),
+        (("alphas",), [1.5], "alphas: every alpha must lie in (0, 1]"),
+        (("methods", "kd", "tau"), -1.0, "methods.kd.tau"),
+        (("methods", "kd", "lambda"), 1.5, "methods.kd.lambda"),
+        (("methods", "kd", "lambda"), "high", "methods.kd.lambda"),
+        (("methods", "distill"), {}, "methods.distill: unknown method"),
+        (("methods", "kd", "cache"), "nope", "methods.kd.cache='nope' is not one of cache.stores"),
+        (("student", "budget", "mode"), "minutes", "student.budget.mode"),
+        (("student", "widht"), 3, "student.widht: unknown key"),
+        (("cache", "stores", "top3", "k"), None, "needs k"),
+        (("teacher", "epochs"), 0, "teacher.epochs"),
+        (("sweep", "methods"), ["ce", "kdd"], "sweep.methods names ['kdd']"),
+        (("data", "name"), "imagenet21k", "data.name"),
+    ],
+)
+def test_invalid_params_name_the_key_and_the_allowed_values(path, value, message):
+    raw = tiny_raw()
+    node = raw
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    assert message in str(err.value), str(err.value)
