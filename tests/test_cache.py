@@ -152,7 +152,7 @@ def test_interrupted_write_resumes_to_an_identical_store(tmp_path):
 
     def dying_teacher(x):
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == 6:  # the first call is the 1-row shape probe
             raise KeyboardInterrupt("killed")
         return teacher(x)
 
@@ -171,7 +171,7 @@ def test_interrupted_write_resumes_to_an_identical_store(tmp_path):
         return teacher(x)
 
     write_cache(path, counting_teacher, inputs(), spec, C, "teacher-fp", "data-fp", batch_size=40)
-    assert resumed["n"] == 370 - 128  # the finished chunks were not recomputed
+    assert resumed["n"] == 1 + 370 - 128  # the probe row, then only the unfinished chunks
     got = LogitCache(path, "teacher-fp", "data-fp")
     for split in ("train", "test"):
         for k, v in ref.read(split).tensors.items():
@@ -204,3 +204,21 @@ def test_info_reports_sizes(tmp_path):
     assert info["bytes_on_disk"] > 0 and info["compression_ratio"] > 0
     assert info["bytes_per_row"] == pytest.approx(info["bytes_on_disk"] / 370)
     assert info["arrays"]["train/indices"] == [[300, 3], "uint8"]
+
+
+def test_topk_round_trip_on_token_rows(tmp_path):
+    """Language-model rows hold a sequence of positions: [N, L, V] logits -> [N, L, k] arrays."""
+    g = torch.Generator().manual_seed(1)
+    x = {"train": torch.randn(40, 6, 300, generator=g), "test": torch.randn(9, 6, 300, generator=g)}
+    path = tmp_path / "lm.zarr"
+    spec = StoreSpec(kind="topk", k=8, dtype="float32", chunk_rows=16)
+    write_cache(path, lambda b: b * 2, x, spec, 300, "t", "d", batch_size=7)
+    cache = LogitCache(path, "t", "d")
+    assert cache.attrs["row_shape"] == [6]
+    t = cache.read("train").tensors
+    v, i = (x["train"] * 2).topk(8, dim=-1)
+    assert torch.equal(t["values"], v) and torch.equal(t["indices"], i)
+    assert t["logsumexp"].shape == (40, 6)
+    assert cache.root["train"]["indices"].dtype == np.uint16  # 300 classes need 16 bits
+    flat = cache.read("test").flat_positions().tensors
+    assert flat["values"].shape == (54, 8) and flat["logsumexp"].shape == (54,)

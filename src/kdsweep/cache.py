@@ -96,8 +96,12 @@ def _from_store(a: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 def encode_rows(logits: torch.Tensor, spec: StoreSpec, seed: int) -> dict[str, np.ndarray]:
-    """Teacher logits [B, C] (float32) -> the arrays this kind stores for those rows."""
-    c = logits.shape[1]
+    """Teacher logits [B, ..., C] (float32) -> the arrays this kind stores for those rows.
+
+    Every op works on the last (class) axis, so a row may hold several positions (a language
+    model's sequence: [B, L, V]).
+    """
+    c = logits.shape[-1]
     if spec.kind == "full":
         return {"logits": _to_store(logits, spec.dtype)}
     assert spec.k is not None
@@ -105,39 +109,54 @@ def encode_rows(logits: torch.Tensor, spec: StoreSpec, seed: int) -> dict[str, n
         raise CacheError(f"k={spec.k} is larger than the number of classes ({c}): choose k <= {c}")
     idt = index_dtype(c)
     if spec.kind == "topk":
-        values, idx = logits.topk(spec.k, dim=1)
+        values, idx = logits.topk(spec.k, dim=-1)
         return {
             "values": _to_store(values, spec.dtype),
             "indices": idx.numpy().astype(idt),
-            "logsumexp": logits.logsumexp(1).numpy().astype(np.float32),
+            "logsumexp": logits.logsumexp(-1).numpy().astype(np.float32),
         }
     gen = torch.Generator().manual_seed(seed)
-    probs = torch.softmax(logits.double() / spec.sample_tau, dim=1)
+    probs = torch.softmax(logits.double().reshape(-1, c) / spec.sample_tau, dim=-1)
     draws = torch.multinomial(probs, spec.k, replacement=True, generator=gen)
     counts = torch.zeros_like(probs).scatter_add_(
         1, draws, torch.ones_like(draws, dtype=probs.dtype)
     )
     # keep the distinct draws first (by count, ties by class id), zero weight in the unused slots
     w, idx = counts.topk(spec.k, dim=1, sorted=True)
-    return {"indices": idx.numpy().astype(idt), "weights": (w / spec.k).numpy().astype(np.float32)}
+    shape = (*logits.shape[:-1], spec.k)
+    return {
+        "indices": idx.reshape(shape).numpy().astype(idt),
+        "weights": (w / spec.k).reshape(shape).numpy().astype(np.float32),
+    }
 
 
-def _array_layout(spec: StoreSpec, n: int, c: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def _array_layout(
+    spec: StoreSpec, n: int, c: int, row: tuple[int, ...]
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shapes and dtypes of each array: n rows, each of `row` positions (() for one label)."""
     k = spec.k or 0
     f = _float_np(spec.dtype)
     return {
-        "full": {"logits": ((n, c), f)},
+        "full": {"logits": ((n, *row, c), f)},
         "topk": {
-            "values": ((n, k), f),
-            "indices": ((n, k), index_dtype(c)),
-            "logsumexp": ((n,), np.dtype(np.float32)),
+            "values": ((n, *row, k), f),
+            "indices": ((n, *row, k), index_dtype(c)),
+            "logsumexp": ((n, *row), np.dtype(np.float32)),
         },
-        "sampled": {"indices": ((n, k), index_dtype(c)), "weights": ((n, k), np.dtype(np.float32))},
+        "sampled": {
+            "indices": ((n, *row, k), index_dtype(c)),
+            "weights": ((n, *row, k), np.dtype(np.float32)),
+        },
     }[spec.kind]
 
 
 def _root_attrs(
-    spec: StoreSpec, num_classes: int, teacher_fp: str, dataset_fp: str, splits: dict[str, int]
+    spec: StoreSpec,
+    num_classes: int,
+    row_shape: tuple[int, ...],
+    teacher_fp: str,
+    dataset_fp: str,
+    splits: dict[str, int],
 ) -> dict:
     return {
         "format_version": FORMAT_VERSION,
@@ -145,6 +164,7 @@ def _root_attrs(
         "k": spec.k,
         "dtype": spec.dtype,
         "num_classes": num_classes,
+        "row_shape": list(row_shape),
         "views": 1,
         "teacher_fingerprint": teacher_fp,
         "dataset_fingerprint": dataset_fp,
@@ -182,7 +202,11 @@ def write_cache(
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     splits = {name: len(x) for name, x in inputs.items()}
-    attrs = _root_attrs(spec, num_classes, teacher_fingerprint, dataset_fingerprint, splits)
+    with torch.no_grad():  # positions per row: () for a classifier, (L,) for a language model
+        row_shape = tuple(teacher(next(iter(inputs.values()))[:1]).shape[1:-1])
+    attrs = _root_attrs(
+        spec, num_classes, row_shape, teacher_fingerprint, dataset_fingerprint, splits
+    )
     lock = FileLock(str(path) + ".lock")
     if rank == 0:
         try:
@@ -238,7 +262,9 @@ def _open_partial(partial: Path, attrs: dict, spec: StoreSpec, num_classes: int)
     for split, n in attrs["splits"].items():
         g = root.create_group(split)
         g.attrs.update({"split": split, "num_rows": n})
-        for name, (shape, dt) in _array_layout(spec, n, num_classes).items():
+        for name, (shape, dt) in _array_layout(
+            spec, n, num_classes, tuple(attrs["row_shape"])
+        ).items():
             chunks = (spec.chunk_rows, *shape[1:])
             g.create_array(
                 name,
@@ -302,6 +328,16 @@ class CacheSplit:
     def rows(self, idx: torch.Tensor) -> CacheSplit:
         return CacheSplit(self.kind, {k: v[idx] for k, v in self.tensors.items()})
 
+    def flat_positions(self) -> CacheSplit:
+        """One row per position: [B, L, k] -> [B·L, k] and logsumexp [B, L] -> [B·L]."""
+        return CacheSplit(
+            self.kind,
+            {
+                k: v.flatten() if k == "logsumexp" else v.flatten(0, -2)
+                for k, v in self.tensors.items()
+            },
+        )
+
     def to(self, device: torch.device | str) -> CacheSplit:
         return CacheSplit(self.kind, {k: v.to(device) for k, v in self.tensors.items()})
 
@@ -359,7 +395,8 @@ class LogitCache:
             if split not in self.root:
                 raise CacheError(f"{self.path}: split group {split!r} is missing")
             g = self.root[split]
-            for name, (shape, dt) in _array_layout(spec, n, a["num_classes"]).items():
+            layout = _array_layout(spec, n, a["num_classes"], tuple(a["row_shape"]))
+            for name, (shape, dt) in layout.items():
                 if name not in g:
                     raise CacheError(f"{self.path}/{split}: array {name!r} is missing")
                 arr = g[name]

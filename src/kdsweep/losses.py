@@ -133,7 +133,12 @@ def student_loss(
 
     `targets` are the cached teacher rows of this batch, already passed through
     `control_targets` for the controls; `top1_teacher` students get the teacher's argmax as `y`.
+    Rows of several positions (a language model's [B, L, V]) are flattened to one per position.
     """
+    if student_logits.dim() > 2:
+        student_logits, y = student_logits.flatten(0, -2), y.flatten()
+        if targets is not None:
+            targets = targets.flat_positions()
     ce = F.cross_entropy(
         student_logits, y, reduction="none", label_smoothing=epsilon if loss == "ls" else 0.0
     )
