@@ -109,11 +109,12 @@ def main(params: Path = Path("params.yaml"), steps: int = 50, quick: bool = Fals
         loss.mean().backward()
         opt.step()
 
-    def run(kind: str) -> float:
-        return timed(lambda: [step(kind) for _ in range(steps)], 3 if quick else 5) / steps
-
-    # interleave the three kinds so drift on a noisy machine hits all of them alike
-    t_ce, t_cached, t_online = run("ce"), run("cached"), run("online")
+    # interleave the three kinds round by round so drift on a noisy machine hits all alike
+    per_step: dict[str, list[float]] = {"ce": [], "cached": [], "online": []}
+    for _ in range(3 if quick else 7):
+        for kind, times in per_step.items():
+            times.append(timed(lambda k=kind: [step(k) for _ in range(steps)], 1) / steps)
+    t_ce, t_cached, t_online = (sorted(v)[len(v) // 2] for v in per_step.values())
     consume = bs / t_cached
     print("\n## 2. read throughput vs student consumption (student rows/s measured in this run)")
     cache = LogitCache(stores[("full", "float16", None, "blosc-zstd-shuffle")])

@@ -16,7 +16,7 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(help="Inspect and verify logit caches.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
-console = Console()
+console = Console(soft_wrap=True)  # long paths and messages stay on one line
 
 
 def _open(path: Path) -> LogitCache:
