@@ -9,10 +9,11 @@ import typer
 from kdsweep import pipeline
 from kdsweep.config import load_params
 from kdsweep.distributed import process_group
+from kdsweep.errors import explained_errors
 
 
 def main(store: str) -> None:
-    with process_group() as (rank, world):
+    with explained_errors(), process_group() as (rank, world):
         pipeline.build_cache(load_params(), store, rank, world)
 
 

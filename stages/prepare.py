@@ -2,6 +2,8 @@
 
 from kdsweep import pipeline
 from kdsweep.config import load_params
+from kdsweep.errors import explained_errors
 
 if __name__ == "__main__":
-    pipeline.prepare(load_params())
+    with explained_errors():
+        pipeline.prepare(load_params())

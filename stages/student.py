@@ -6,10 +6,12 @@ import typer
 
 from kdsweep import pipeline
 from kdsweep.config import load_params
+from kdsweep.errors import explained_errors
 
 
 def main(alpha: float, method: str, out_dir: Path) -> None:
-    pipeline.run_student_stage(load_params(), alpha, method, out_dir)
+    with explained_errors():
+        pipeline.run_student_stage(load_params(), alpha, method, out_dir)
 
 
 if __name__ == "__main__":

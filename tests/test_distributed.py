@@ -11,6 +11,7 @@ import zarr
 
 from kdsweep import pipeline
 from kdsweep.config import parse_params
+from kdsweep.io import weights_fingerprint
 from tests.conftest import tiny_raw
 
 STAGES = Path(__file__).resolve().parents[1] / "stages"
@@ -46,8 +47,8 @@ def test_two_process_cache_equals_single_process_bit_for_bit(workspace):
 def test_two_process_ddp_teacher_trains_and_its_checkpoint_loads(workspace):
     raw = tiny_raw()
     Path("params.yaml").write_text(yaml.safe_dump(raw))
-    before = Path("data/teachers/main.safetensors").read_bytes()
+    before = weights_fingerprint(Path("data/teachers/main.safetensors"))
     torchrun(str(STAGES / "teacher.py"))
-    assert Path("data/teachers/main.safetensors").read_bytes() != before
+    assert weights_fingerprint(Path("data/teachers/main.safetensors")) != before
     model, fp = pipeline.load_teacher(parse_params(raw), "main")
     assert len(fp) == 64 and model.head.out_features == 10

@@ -13,6 +13,7 @@ import pytest
 import yaml
 import zarr
 
+from kdsweep.io import weights_fingerprint
 from tests.conftest import tiny_raw
 
 STAGES = Path(__file__).resolve().parents[1] / "stages"
@@ -67,12 +68,12 @@ def test_killed_teacher_stage_reruns_to_the_identical_checkpoint(workspace, dela
     raw["teacher"]["epochs"] = 6
     Path("params.yaml").write_text(yaml.safe_dump(raw))
     finish(str(STAGES / "teacher.py"))
-    reference = Path("data/teachers/main.safetensors").read_bytes()
+    reference = weights_fingerprint(Path("data/teachers/main.safetensors"))
     Path("data/teachers/main.safetensors").unlink()
     kill_after(delay, str(STAGES / "teacher.py"))
     leftovers = [p.name for p in Path("data/teachers").iterdir() if p.name.startswith(".")]
     finish(str(STAGES / "teacher.py"))
-    assert Path("data/teachers/main.safetensors").read_bytes() == reference
+    assert weights_fingerprint(Path("data/teachers/main.safetensors")) == reference
     assert all(not Path("data/teachers", n).exists() or n.startswith(".") for n in leftovers)
 
 

@@ -38,9 +38,26 @@ from tqdm import tqdm
 
 from kdsweep import __version__
 from kdsweep.config import Codec
+from kdsweep.errors import KdsweepError
 from kdsweep.io import atomic_write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: row_shape (rows of several positions)
+REQUIRED_ATTRS = {
+    "format_version",
+    "kind",
+    "k",
+    "dtype",
+    "num_classes",
+    "row_shape",
+    "views",
+    "teacher_fingerprint",
+    "dataset_fingerprint",
+    "codec",
+    "chunk_rows",
+    "splits",
+    "kdsweep_version",
+    "complete",
+}
 ARRAYS = {
     "full": ("logits",),
     "topk": ("values", "indices", "logsumexp"),
@@ -48,7 +65,7 @@ ARRAYS = {
 }
 
 
-class CacheError(ValueError):
+class CacheError(KdsweepError):
     """A cache store that is incomplete, corrupt, or made for another teacher or dataset."""
 
 
@@ -366,6 +383,11 @@ class LogitCache:
         except Exception as err:
             raise CacheError(f"{self.path} is not a readable Zarr v3 store ({err})") from None
         a = self.attrs
+        missing = sorted(REQUIRED_ATTRS - set(a))
+        if missing and a.get("format_version") == FORMAT_VERSION:
+            raise CacheError(
+                f"{self.path} lacks the attributes {missing}: rebuild it with its cache stage"
+            )
         if a.get("format_version") != FORMAT_VERSION:
             raise CacheError(
                 f"{self.path} has cache format_version {a.get('format_version')!r}, this kdsweep reads "

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kdsweep.errors import KdsweepError
+
 LOSSES = (
     "ce",
     "ls",
@@ -27,7 +29,7 @@ LOSSES = (
 )
 
 
-class ParamsError(ValueError):
+class ParamsError(KdsweepError):
     """Invalid params.yaml; the message lists every offending key."""
 
 

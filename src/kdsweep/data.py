@@ -20,10 +20,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kdsweep.config import DataParams
+from kdsweep.errors import KdsweepError
 from kdsweep.io import atomic_path, atomic_write_json
 
 
-class DataError(ValueError):
+class DataError(KdsweepError):
     """A dataset that is missing, corrupt or too small for what was asked."""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -13,6 +14,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from kdsweep.errors import KdsweepError
 
 
 @contextmanager
@@ -39,7 +42,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(KdsweepError):
     """A checkpoint that is missing, not safetensors, or does not fit the model."""
 
 
@@ -76,11 +79,19 @@ def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
     model.load_state_dict(state)
 
 
-def file_sha256(path: Path) -> str:
-    import hashlib
+def weights_fingerprint(path: Path) -> str:
+    """sha256 over the tensors (names, dtypes, shapes, bytes) of a safetensors checkpoint.
 
+    Not over the file: safetensors writes its metadata in no fixed order, so identical weights can
+    give different file bytes.
+    """
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a valid safetensors checkpoint ({err})") from None
+    for name in sorted(state):
+        t = state[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 
 from kdsweep.cache import CacheSplit, LogitCache, StoreSpec, write_cache
-from kdsweep.config import MethodParams, Params, all_alphas, params_hash
+from kdsweep.config import MethodParams, Params, ParamsError, all_alphas, params_hash
 from kdsweep.data import Prepared, build_splits, load_prepared, write_prepared
 from kdsweep.distributed import barrier
-from kdsweep.io import atomic_write_json, file_sha256, load_checkpoint, save_checkpoint
+from kdsweep.io import atomic_write_json, load_checkpoint, save_checkpoint, weights_fingerprint
 from kdsweep.losses import KD_LOSSES, control_targets, student_loss
 from kdsweep.models import build_model, reinit_head
 from kdsweep.train import evaluate, fit, num_steps, pick_device, predict
@@ -100,7 +100,7 @@ def train_teacher(p: Params, rank: int = 0, world: int = 1) -> dict[str, Any]:
             model, teacher_path(tid), {"arch": t.arch, "dataset_fingerprint": prep.fingerprint}
         )
         acc = evaluate(predict(model, s.x_test), s.y_test, None)["test_acc"]
-        metrics[tid] = {"test_acc": acc, "fingerprint": file_sha256(teacher_path(tid))}
+        metrics[tid] = {"test_acc": acc, "fingerprint": weights_fingerprint(teacher_path(tid))}
     atomic_write_json(TEACHERS / "metrics.json", metrics)
     return metrics
 
@@ -113,11 +113,11 @@ def _rank_device(name: str, rank: int) -> torch.device:
 
 
 def load_teacher(p: Params, teacher_id: str) -> tuple[torch.nn.Module, str]:
-    """The teacher network and its fingerprint (sha256 of the checkpoint file). Only `cache` calls this."""
+    """The teacher network and its weights fingerprint. Only the `cache` stage calls this."""
     prep_meta = load_prepared(PREPARED)
     model = _teacher_model(p, prep_meta)
     load_checkpoint(model, teacher_path(teacher_id))
-    return model.eval(), file_sha256(teacher_path(teacher_id))
+    return model.eval(), weights_fingerprint(teacher_path(teacher_id))
 
 
 def build_cache(p: Params, name: str, rank: int = 0, world: int = 1) -> None:
@@ -197,7 +197,7 @@ def open_caches(p: Params, m: MethodParams, prep: Prepared) -> tuple[LogitCache,
 
     def open_store(name: str) -> LogitCache:
         tid = p.cache.stores[name].teacher
-        return LogitCache(store_path(name), file_sha256(teacher_path(tid)), prep.fingerprint)
+        return LogitCache(store_path(name), weights_fingerprint(teacher_path(tid)), prep.fingerprint)
 
     return open_store(m.cache), open_store("full")
 
@@ -231,7 +231,7 @@ def subset_targets(
     loss = job.m.loss
     if loss in KD_LOSSES and loss != "kd" or loss == "top1_teacher":
         if t.kind != "full":
-            raise ValueError(f"method {job.method} ({loss}) needs a full cache, got {t.kind}")
+            raise ParamsError(f"method {job.method} ({loss}) needs a full cache, got {t.kind}")
     if loss in KD_LOSSES and loss != "kd":
         seed = 1000 * job.subset_seed + job.train_seed
         t = CacheSplit(
@@ -318,11 +318,11 @@ def train_one(
 def run_student_stage(p: Params, alpha: float, method: str, out_dir: Path) -> Path:
     """Train all students of one (α, method) and write `out_dir/runs.json` atomically."""
     if method not in p.methods:
-        raise ValueError(
+        raise ParamsError(
             f"method {method!r} is not in params.yaml methods ({', '.join(p.methods)})"
         )
     if alpha not in all_alphas(p):
-        raise ValueError(
+        raise ParamsError(
             f"alpha {alpha} is in neither alphas nor sweep.ablation_alphas {all_alphas(p)}"
         )
     out = Path(out_dir) / "runs.json"

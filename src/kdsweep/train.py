@@ -15,12 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from kdsweep.errors import KdsweepError
+
 LossFn = Callable[
     [torch.Tensor, torch.Tensor], torch.Tensor
 ]  # (logits, batch row ids) -> per-sample
 
 
-class NonFiniteLoss(FloatingPointError):
+class NonFiniteLoss(KdsweepError):
     """Training diverged: a loss became NaN or inf."""
 
 
