@@ -19,7 +19,7 @@ TINY: dict = {
         "chunk_rows": 128,
         "batch_size": 50,
         "stores": {
-            "full": {"kind": "full", "dtype": "float32"},
+            "full": {"teacher": "main", "kind": "full", "dtype": "float32"},
             "random_head": {"teacher": "random_head", "kind": "full"},
             "top3": {"kind": "topk", "k": 3},
             "sampled4": {"kind": "sampled", "k": 4},

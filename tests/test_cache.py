@@ -152,7 +152,7 @@ def test_interrupted_write_resumes_to_an_identical_store(tmp_path):
 
     def dying_teacher(x):
         calls["n"] += 1
-        if calls["n"] == 6:  # the first call is the 1-row shape probe
+        if calls["n"] == 7:  # the first two calls are the 1-row shape probes (one per split)
             raise KeyboardInterrupt("killed")
         return teacher(x)
 
@@ -171,7 +171,7 @@ def test_interrupted_write_resumes_to_an_identical_store(tmp_path):
         return teacher(x)
 
     write_cache(path, counting_teacher, inputs(), spec, C, "teacher-fp", "data-fp", batch_size=40)
-    assert resumed["n"] == 1 + 370 - 128  # the probe row, then only the unfinished chunks
+    assert resumed["n"] == 2 + 370 - 128  # the probe rows, then only the unfinished chunks
     got = LogitCache(path, "teacher-fp", "data-fp")
     for split in ("train", "test"):
         for k, v in ref.read(split).tensors.items():
@@ -214,7 +214,7 @@ def test_topk_round_trip_on_token_rows(tmp_path):
     spec = StoreSpec(kind="topk", k=8, dtype="float32", chunk_rows=16)
     write_cache(path, lambda b: b * 2, x, spec, 300, "t", "d", batch_size=7)
     cache = LogitCache(path, "t", "d")
-    assert cache.attrs["row_shape"] == [6]
+    assert cache.attrs["row_shape"] == {"train": [6], "test": [6]}
     t = cache.read("train").tensors
     v, i = (x["train"] * 2).topk(8, dim=-1)
     assert torch.equal(t["values"], v) and torch.equal(t["indices"], i)

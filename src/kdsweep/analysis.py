@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from kdsweep.errors import KdsweepError
+from kdsweep.io import atomic_path
 
 _S, _F, _I = pa.string(), pa.float64(), pa.int64()
 RUN_SCHEMA = pa.schema(
@@ -67,6 +68,17 @@ LS_CONTROLS = ("ls_matched", "shuffled_dk")
 they match the reference, dark knowledge predicts they fall short (most at small α)."""
 
 FIDELITY = ("agreement", "test_kl", "ece", "neg_kl_frac")
+RECIPE = (
+    "method",
+    "loss",
+    "lam",
+    "tau",
+    "teacher_id",
+    "cache_name",
+    "cache_kind",
+    "k",
+    "topk_mode",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,43 +108,17 @@ def analysis_settings(params: Mapping[str, Any]) -> AnalysisSettings:
 # Collecting and storing runs
 
 
-@contextmanager
-def atomic_output(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `final`, renamed onto it only if the block succeeds.
-
-    A twin of kdsweep.io.atomic_path, kept here so that this module never imports torch.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Strict JSON (no NaN), so DVC and other readers accept it."""
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-
-
 def _load_rows(path: Path) -> list[dict[str, Any]]:
     rows = json.loads(path.read_text())
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of run rows, got {type(rows).__name__}")
+        raise KdsweepError(f"{path}: expected a JSON list of run rows, got {type(rows).__name__}")
     expected = set(RUN_SCHEMA.names)
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise ValueError(f"{path}: row {i} is a {type(row).__name__}, not an object")
+            raise KdsweepError(f"{path}: row {i} is a {type(row).__name__}, not an object")
         missing, extra = sorted(expected - set(row)), sorted(set(row) - expected)
         if missing or extra:
-            raise ValueError(
+            raise KdsweepError(
                 f"{path}: row {i} is missing key(s) {missing} and has unexpected key(s) {extra}; "
                 "the keys must be exactly those of kdsweep.analysis.RUN_SCHEMA"
             )
@@ -147,10 +133,10 @@ def collect_runs(students_dir: Path) -> pa.Table:
         try:
             tables.append(pa.Table.from_pylist(_load_rows(f), schema=RUN_SCHEMA))
         except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-            raise ValueError(f"{f}: a value has the wrong type for RUN_SCHEMA ({err})") from None
+            raise KdsweepError(f"{f}: a value has the wrong type for RUN_SCHEMA ({err})") from None
     table = pa.concat_tables(tables) if tables else RUN_SCHEMA.empty_table()
     if table.num_rows == 0:
-        raise ValueError(
+        raise KdsweepError(
             f"no student runs under {students_dir} ({len(files)} runs.json file(s)): "
             "run the student stages first (`dvc repro`)"
         )
@@ -158,7 +144,7 @@ def collect_runs(students_dir: Path) -> pa.Table:
 
 
 def write_parquet(table: pa.Table, path: Path) -> None:
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
 
@@ -167,7 +153,7 @@ def read_runs(path: Path) -> pa.Table:
     table = pq.read_table(path)
     missing = [n for n in RUN_SCHEMA.names if n not in table.column_names]
     if missing:
-        raise ValueError(f"{path} lacks column(s) {missing}: re-run `dvc repro aggregate`")
+        raise KdsweepError(f"{path} lacks column(s) {missing}: re-run `dvc repro aggregate`")
     return table.select(RUN_SCHEMA.names).cast(RUN_SCHEMA)
 
 
@@ -194,7 +180,7 @@ def primary_score(task: str) -> tuple[str, bool]:
     """(column, higher_is_better): accuracy for vision, perplexity for language models."""
     scores = {"vision": ("test_acc", True), "lm": ("test_ppl", False)}
     if task not in scores:
-        raise ValueError(f"unknown task {task!r}: expected one of {sorted(scores)}")
+        raise KdsweepError(f"unknown task {task!r}: expected one of {sorted(scores)}")
     return scores[task]
 
 
@@ -212,11 +198,11 @@ class Runs:
         rows = table.to_pylist()
         tasks = sorted({r["task"] for r in rows})
         if len(tasks) != 1:
-            raise ValueError(f"the runs mix tasks {tasks}: analyse one task at a time")
+            raise KdsweepError(f"the runs mix tasks {tasks}: analyse one task at a time")
         score, hib = primary_score(tasks[0])
         for r, v in zip(rows, variant_labels(rows), strict=True):
             if r[score] is None:
-                raise ValueError(
+                raise KdsweepError(
                     f"run {r['run_id']} ({r['method']}, α={r['alpha']}) has no {score}"
                 )
             r["variant"], r["score"] = v, r[score]
@@ -363,11 +349,7 @@ def _summarize(runs: Runs, n_boot: int, ci: float, seed: int) -> list[dict[str, 
             out.append(
                 {
                     "variant": v,
-                    **{
-                        k: first[k]
-                        for k in ("method", "loss", "lam", "tau", "teacher_id", "cache_name")
-                    },
-                    **{k: first[k] for k in ("cache_kind", "k", "topk_mode")},
+                    **{k: first[k] for k in RECIPE},
                     "alpha": alpha,
                     "score_name": runs.score,
                     "n": len(rows),
@@ -636,8 +618,9 @@ def _r(x: float | None) -> float | None:
 
 
 def summary_metrics(table: pa.Table, params: Mapping[str, Any]) -> dict[str, Any]:
-    """The DVC metrics: mean score per variant and α, relative gain, multiplier (with median)
-    and the reference's advantage over each control; nested by name then α ("0.02")."""
+    """The DVC metrics: mean score per variant and α, relative gain, multiplier (with its median
+    and whether censoring makes that median a lower bound) and the reference's advantage over
+    each control; nested by name then α ("0.02"). Rounded to 5 digits, no NaN."""
     an = analyse(table, params)
     score = "acc" if an.runs.higher_is_better else "ppl"
     out: dict[str, Any] = {"n_runs": len(an.runs.rows), score: {}}
@@ -647,10 +630,9 @@ def summary_metrics(table: pa.Table, params: Mapping[str, Any]) -> dict[str, Any
         out["relative_gain"] = {alpha_key(g["alpha"]): _r(g["gain"]) for g in an.gains}
     if an.multipliers:
         m = an.multipliers
-        med, _ = median_multiplier([x["multiplier"] for x in m], [x["censored"] for x in m])
-        out["multiplier"] = {alpha_key(x["alpha"]): _r(x["multiplier"]) for x in m} | {
-            "median": _r(med)
-        }
+        med, lower = median_multiplier([x["multiplier"] for x in m], [x["censored"] for x in m])
+        out["multiplier"] = {alpha_key(x["alpha"]): _r(x["multiplier"]) for x in m}
+        out["multiplier"] |= {"median": _r(med), "median_is_lower_bound": lower}
     if an.verdicts:
         adv: dict[str, dict[str, float | None]] = {}
         for v in an.verdicts:

@@ -41,7 +41,7 @@ from kdsweep.config import Codec
 from kdsweep.errors import KdsweepError
 from kdsweep.io import atomic_write_json
 
-FORMAT_VERSION = 2  # 2: row_shape (rows of several positions)
+FORMAT_VERSION = 2  # 2: row_shape per split (positions or views per row), aug
 REQUIRED_ATTRS = {
     "format_version",
     "kind",
@@ -170,7 +170,7 @@ def _array_layout(
 def _root_attrs(
     spec: StoreSpec,
     num_classes: int,
-    row_shape: tuple[int, ...],
+    row_shapes: dict[str, list[int]],
     teacher_fp: str,
     dataset_fp: str,
     splits: dict[str, int],
@@ -181,7 +181,7 @@ def _root_attrs(
         "k": spec.k,
         "dtype": spec.dtype,
         "num_classes": num_classes,
-        "row_shape": list(row_shape),
+        "row_shape": row_shapes,
         "views": 1,
         "teacher_fingerprint": teacher_fp,
         "dataset_fingerprint": dataset_fp,
@@ -207,8 +207,14 @@ def write_cache(
     rank: int = 0,
     world: int = 1,
     barrier: Callable[[], None] = lambda: None,
+    views: dict[str, torch.Tensor] | None = None,
+    augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """Run `teacher` (inputs -> float32 logits) over every split and store its outputs.
+
+    Augmentation-consistent caching: for a split in `views` (aug parameters [N, V, P]), the
+    teacher labels each of the V views `augment(x, aug[:, v])` and the store keeps the outputs
+    per view ([N, V, …]) beside `aug` itself, so a student replays exactly the labelled view.
 
     Resumable: chunks already recorded in the partial store's progress are skipped. With
     `world > 1` (torchrun) rank r writes the chunks i with i % world == r of one shared partial
@@ -219,11 +225,22 @@ def write_cache(
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     splits = {name: len(x) for name, x in inputs.items()}
-    with torch.no_grad():  # positions per row: () for a classifier, (L,) for a language model
-        row_shape = tuple(teacher(next(iter(inputs.values()))[:1]).shape[1:-1])
+    views = views or {}
+
+    def outputs(split: str, lo: int, hi: int) -> torch.Tensor:
+        x = inputs[split][lo:hi]
+        if split not in views:
+            return teacher(x).float()
+        assert augment is not None, "views need an augment function"
+        aug = views[split][lo:hi]
+        return torch.stack([teacher(augment(x, aug[:, v])).float() for v in range(aug.shape[1])], 1)
+
+    with torch.no_grad():  # positions per row: () for a classifier, (L,) a sequence, (V,) views
+        row_shapes = {s: list(outputs(s, 0, 1).shape[1:-1]) for s in inputs}
     attrs = _root_attrs(
-        spec, num_classes, row_shape, teacher_fingerprint, dataset_fingerprint, splits
+        spec, num_classes, row_shapes, teacher_fingerprint, dataset_fingerprint, splits
     )
+    attrs["views"] = max([1, *(int(v.shape[1]) for v in views.values())])
     lock = FileLock(str(path) + ".lock")
     if rank == 0:
         try:
@@ -234,7 +251,8 @@ def write_cache(
             ) from None
     try:
         if rank == 0:
-            _open_partial(partial, attrs, spec, num_classes)
+            aug_shapes = {s: tuple(v.shape) for s, v in views.items()}
+            _open_partial(partial, attrs, spec, num_classes, aug_shapes)
         barrier()
         root = zarr.open_group(partial, mode="r+")
         done = _read_progress(partial)
@@ -249,13 +267,15 @@ def write_cache(
                 with torch.no_grad():
                     logits = torch.cat(
                         [
-                            teacher(x[j : min(hi, j + batch_size)]).float()
+                            outputs(split, j, min(hi, j + batch_size))
                             for j in range(lo, hi, batch_size)
                         ]
                     )
                 seed = spec.sample_seed * 1_000_003 + i + (0 if split == "train" else 500_009)
                 for name, arr in encode_rows(logits, spec, seed).items():
                     root[split][name][lo:hi] = arr
+                if split in views:
+                    root[split]["aug"][lo:hi] = views[split][lo:hi].numpy().astype(np.int16)
                 _record_progress(partial, split, i, rank)
         barrier()
         if rank == 0:
@@ -265,7 +285,9 @@ def write_cache(
             lock.release()
 
 
-def _open_partial(partial: Path, attrs: dict, spec: StoreSpec, num_classes: int) -> None:
+def _open_partial(
+    partial: Path, attrs: dict, spec: StoreSpec, num_classes: int, aug_shapes: dict[str, tuple]
+) -> None:
     """Create the partial store, or keep an existing one written with the same attributes (resume)."""
     if partial.exists():
         try:
@@ -279,9 +301,10 @@ def _open_partial(partial: Path, attrs: dict, spec: StoreSpec, num_classes: int)
     for split, n in attrs["splits"].items():
         g = root.create_group(split)
         g.attrs.update({"split": split, "num_rows": n})
-        for name, (shape, dt) in _array_layout(
-            spec, n, num_classes, tuple(attrs["row_shape"])
-        ).items():
+        layout = _array_layout(spec, n, num_classes, tuple(attrs["row_shape"][split]))
+        if split in aug_shapes:
+            layout["aug"] = (aug_shapes[split], np.dtype(np.int16))
+        for name, (shape, dt) in layout.items():
             chunks = (spec.chunk_rows, *shape[1:])
             g.create_array(
                 name,
@@ -417,7 +440,7 @@ class LogitCache:
             if split not in self.root:
                 raise CacheError(f"{self.path}: split group {split!r} is missing")
             g = self.root[split]
-            layout = _array_layout(spec, n, a["num_classes"], tuple(a["row_shape"]))
+            layout = _array_layout(spec, n, a["num_classes"], tuple(a["row_shape"][split]))
             for name, (shape, dt) in layout.items():
                 if name not in g:
                     raise CacheError(f"{self.path}/{split}: array {name!r} is missing")
@@ -433,6 +456,9 @@ class LogitCache:
                         f"{arr.nchunks} chunks are missing on disk: the store is damaged, rebuild or re-pull it"
                     )
 
+    def _arrays(self, split: str) -> tuple[str, ...]:
+        return (*ARRAYS[self.kind], *(("aug",) if "aug" in self.root[split] else ()))
+
     def num_rows(self, split: str) -> int:
         return self.attrs["splits"][split]
 
@@ -441,7 +467,7 @@ class LogitCache:
         g = self.root[split]
         rows = rows or slice(None)
         out = {}
-        for name in ARRAYS[self.kind]:
+        for name in self._arrays(split):
             try:
                 a = g[name][rows]
             except Exception as err:
@@ -450,7 +476,7 @@ class LogitCache:
                 ) from None
             if name in ("logits", "values"):
                 out[name] = _from_store(a, self.attrs["dtype"])
-            elif name == "indices":
+            elif name in ("indices", "aug"):
                 out[name] = torch.from_numpy(a.astype(np.int64))
             else:
                 out[name] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
@@ -460,7 +486,7 @@ class LogitCache:
         stored = logical = 0
         shapes = {}
         for split in self.attrs["splits"]:
-            for name in ARRAYS[self.kind]:
+            for name in self._arrays(split):
                 arr = self.root[split][name]
                 shapes[f"{split}/{name}"] = [list(arr.shape), str(arr.dtype)]
                 stored += arr.nbytes_stored()
@@ -479,7 +505,7 @@ class LogitCache:
         """Decode every chunk of every array (each checked against its CRC32C); return chunk counts."""
         counts = {}
         for split in self.attrs["splits"]:
-            for name in ARRAYS[self.kind]:
+            for name in self._arrays(split):
                 arr = self.root[split][name]
                 step = arr.chunks[0]
                 for lo in range(0, arr.shape[0], step):

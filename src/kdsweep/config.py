@@ -37,15 +37,38 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
 
+LM_SOURCES = ("pydoc", "stdlib", "textfile", "hf")
+VISION_DATASETS = (
+    "mnist1d",
+    "digits",
+    "cifar10",
+    "cifar100",
+    "mnist",
+    "fashionmnist",
+    "svhn",
+    "imagefolder",
+)
+
+
 class DataParams(Strict):
-    name: Literal[
-        "mnist1d", "digits", "cifar10", "cifar100", "mnist", "fashionmnist", "svhn", "imagefolder"
-    ] = "mnist1d"
+    """A vision dataset, or (names in LM_SOURCES) a text corpus for the language-model track."""
+
+    name: Literal[(*VISION_DATASETS, *LM_SOURCES)] = "mnist1d"  # type: ignore[valid-type]
     n_train: int = Field(40000, gt=0)
     n_test: int = Field(10000, gt=0)
     seed: int = 0
     root: str | None = None
     download: bool = False
+    # language track only
+    path: str | None = None  # textfile: one file, documents separated by blank lines
+    hf_name: str | None = None  # hf: a Hugging Face dataset name (needs `pip install datasets`)
+    vocab_size: int = Field(1024, ge=258)
+    seq_len: int = Field(64, gt=1)
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+
+    @property
+    def task(self) -> str:
+        return "lm" if self.name in LM_SOURCES else "vision"
 
 
 class TeacherParams(Strict):
@@ -86,12 +109,17 @@ class CacheParams(Strict):
     codec: Codec = Codec()
     chunk_rows: int = Field(8192, gt=0)
     batch_size: int = Field(1024, gt=0)
+    views: int = Field(1, ge=1)  # >1: augmentation-consistent caching of V crop/flip views
+    aug_seed: int = 0
     stores: dict[str, StoreParams] = {"full": StoreParams()}
+    reference: str = "full"  # the store whose test split measures agreement and KL
 
     @model_validator(mode="after")
-    def _has_full(self) -> CacheParams:
-        if "full" not in self.stores:
-            raise ValueError("cache.stores needs a store named 'full' (the reference cache)")
+    def _has_reference(self) -> CacheParams:
+        if self.reference not in self.stores:
+            raise ValueError(
+                f"cache.reference={self.reference!r} is not one of cache.stores ({', '.join(self.stores)})"
+            )
         return self
 
 
@@ -123,8 +151,12 @@ class MethodParams(Strict):
     lam: Unit = Field(1.0, alias="lambda")
     tau: Tau | list[Tau] = 1.0
     epsilon: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    cache: str = "full"
+    cache: str | None = None  # which store of cache.stores; default: cache.reference
     topk_mode: Literal["renorm", "tail"] = "tail"
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.loss not in ("ce", "ls")
 
     @property
     def taus(self) -> list[float]:
@@ -159,6 +191,10 @@ class Params(Strict):
     sweep: SweepParams
     analysis: AnalysisParams = AnalysisParams()
 
+    def store_of(self, method: str) -> str:
+        """The cache store a method reads: its own `cache`, else `cache.reference`."""
+        return self.methods[method].cache or self.cache.reference
+
     @field_validator("alphas")
     @classmethod
     def _alphas_in_unit_interval(cls, v: list[float]) -> list[float]:
@@ -190,12 +226,12 @@ class Params(Strict):
     @model_validator(mode="after")
     def _references_exist(self) -> Params:
         for name, m in self.methods.items():
-            if m.cache not in self.cache.stores:
+            if m.cache is not None and m.cache not in self.cache.stores:
                 raise ValueError(
                     f"methods.{name}.cache={m.cache!r} is not one of cache.stores "
                     f"({', '.join(self.cache.stores)})"
                 )
-            store = self.cache.stores[m.cache]
+            store = self.cache.stores[self.store_of(name)]
             if store.kind == "sampled" and m.taus != [1.0]:
                 raise ValueError(
                     f"methods.{name}.tau={m.tau}: a sampled cache holds draws from the teacher at "

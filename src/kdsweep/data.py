@@ -36,6 +36,7 @@ class Splits:
     y_test: torch.Tensor
     num_classes: int
     name: str
+    tokenizer_json: str | None = None  # language track: the tokenizer that made the tokens
 
     @property
     def fingerprint(self) -> str:
@@ -76,11 +77,30 @@ def _digits(p: DataParams) -> Splits:
     return Splits(x[tr], y[tr], x[te], y[te], 10, p.name)
 
 
+def _text(p: DataParams) -> Splits:
+    """Documents split before tokenisation; the BPE tokenizer is trained on the training documents
+    only; x/y are next-token windows of `seq_len`, num_classes is the vocabulary size."""
+    from kdsweep import lm
+
+    train_docs, test_docs = lm.split_documents(
+        lm.load_documents(p.name, p.path, p.hf_name), p.test_fraction, p.seed
+    )
+    tok = lm.train_tokenizer(train_docs, p.vocab_size)
+    x, y = lm.encode_sequences(tok, train_docs, p.seq_len)
+    xt, yt = lm.encode_sequences(tok, test_docs, p.seq_len)
+    n, m = min(p.n_train, len(x)), min(p.n_test, len(xt))
+    return Splits(
+        x[:n], y[:n], xt[:m], yt[:m], tok.get_vocab_size(), p.name, lm.tokenizer_to_json(tok)
+    )
+
+
 def build_splits(p: DataParams) -> Splits:
     if p.name == "mnist1d":
         return _mnist1d(p)
     if p.name == "digits":
         return _digits(p)
+    if p.task == "lm":
+        return _text(p)
     from kdsweep.vision import torchvision_splits
 
     return torchvision_splits(p)
@@ -107,12 +127,12 @@ def nested_order(y: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.argsort(keys, kind="stable"))
 
 
-def subset_indices(order: torch.Tensor, alpha: float, num_classes: int) -> torch.Tensor:
+def subset_indices(order: torch.Tensor, alpha: float, min_rows: int) -> torch.Tensor:
     m = subset_size(alpha, len(order))
-    if m < num_classes:
+    if m < min_rows:
         raise DataError(
             f"alpha={alpha} of {len(order)} training samples is {m} samples, fewer than the "
-            f"{num_classes} classes: raise alpha or data.n_train"
+            f"{min_rows} classes: raise alpha or data.n_train"
         )
     return order[:m]
 
@@ -127,7 +147,11 @@ def write_prepared(out: Path, splits: Splits, seeds: list[int]) -> None:
         "x_test": splits.x_test.contiguous(),
         "y_test": splits.y_test.contiguous(),
     }
-    orders = {f"order_{s}": nested_order(splits.y_train, s) for s in seeds}
+    if splits.tokenizer_json is None:
+        orders = {f"order_{s}": nested_order(splits.y_train, s) for s in seeds}
+    else:  # token-stream prefixes: α-subsets are contiguous documents, the same for every seed
+        orders = {f"order_{s}": torch.arange(n) for s in seeds}
+        (out / "tokenizer.json").write_text(splits.tokenizer_json)
     with atomic_path(out / "dataset.safetensors") as tmp:
         save_file(tensors, tmp)
     with atomic_path(out / "subsets.safetensors") as tmp:
@@ -155,7 +179,9 @@ class Prepared:
                 f"subset seed {seed} was not prepared (have {sorted(self.orders)}): "
                 "re-run the prepare stage"
             )
-        return subset_indices(self.orders[seed], alpha, self.splits.num_classes)
+        # a classifier's subset must hold every class; a language model's needs one sequence
+        min_rows = 1 if self.splits.tokenizer_json else self.splits.num_classes
+        return subset_indices(self.orders[seed], alpha, min_rows)
 
 
 def load_prepared(path: Path) -> Prepared:
@@ -172,8 +198,15 @@ def load_prepared(path: Path) -> Prepared:
         raise DataError(
             f"prepared dataset in {path} is corrupt ({err}): run `dvc repro -f prepare`"
         ) from None
+    tok = path / "tokenizer.json"
     splits = Splits(
-        t["x_train"], t["y_train"], t["x_test"], t["y_test"], meta["num_classes"], meta["name"]
+        t["x_train"],
+        t["y_train"],
+        t["x_test"],
+        t["y_test"],
+        meta["num_classes"],
+        meta["name"],
+        tok.read_text() if tok.exists() else None,
     )
     if splits.fingerprint != meta["fingerprint"]:
         raise DataError(

@@ -9,13 +9,12 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from kdsweep.errors import KdsweepError
+
+if TYPE_CHECKING:  # torch is imported where checkpoints are touched, so atomic writes stay light
+    import torch
 
 
 @contextmanager
@@ -37,9 +36,14 @@ def atomic_path(final: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n")
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Strict JSON (no NaN), so DVC and other readers accept it."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 class CheckpointError(KdsweepError):
@@ -47,6 +51,8 @@ class CheckpointError(KdsweepError):
 
 
 def save_checkpoint(model: torch.nn.Module, path: Path, meta: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, tmp, metadata=meta)
@@ -54,6 +60,9 @@ def save_checkpoint(model: torch.nn.Module, path: Path, meta: dict[str, str]) ->
 
 def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
     """Load weights without executing code: safetensors holds tensors only (a pickle is refused)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} not found: run `dvc repro teacher` or `dvc pull`")
@@ -85,6 +94,10 @@ def weights_fingerprint(path: Path) -> str:
     Not over the file: safetensors writes its metadata in no fixed order, so identical weights can
     give different file bytes.
     """
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     h = hashlib.sha256()
     try:
         state = load_file(path)

@@ -60,6 +60,10 @@ def build_model(arch: str, input_shape: tuple[int, ...], num_classes: int, width
         return CNN1D(input_shape[0], input_shape[1], num_classes, width)
     if arch == "mlp":
         return MLP(math.prod(input_shape), num_classes, width)
+    if arch.startswith("gpt"):  # input_shape = (seq_len,), num_classes = vocabulary size
+        from kdsweep.lm import build_lm
+
+        return build_lm(arch, num_classes, input_shape[0], width)
     from kdsweep.vision import build_vision_model
 
     return build_vision_model(arch, input_shape, num_classes, width)

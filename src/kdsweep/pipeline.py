@@ -81,7 +81,7 @@ def train_teacher(p: Params, rank: int = 0, world: int = 1) -> dict[str, Any]:
     seconds = fit(
         net,
         x,
-        lambda z, i: torch.nn.functional.cross_entropy(z, y[i], reduction="none"),
+        lambda z, i: student_loss("ce", z, y[i], None, 0.0, 1.0, 0.0)[0],
         steps,
         t.batch_size,
         t.lr,
@@ -129,6 +129,14 @@ def build_cache(p: Params, name: str, rank: int = 0, world: int = 1) -> None:
         store.kind, store.dtype, store.k, p.cache.chunk_rows, p.cache.codec, store.sample_seed
     )
     inputs = {"train": prep.splits.x_train, "test": prep.splits.x_test}
+    views, augment = {}, None
+    if p.cache.views > 1:
+        from kdsweep.vision import apply_aug, draw_aug
+
+        if prep.splits.x_train.dim() != 4:
+            raise ParamsError("cache.views > 1 needs image data (crop and flip views)")
+        views = {"train": draw_aug(len(prep.splits.x_train), p.cache.views, p.cache.aug_seed)}
+        augment = apply_aug
     write_cache(
         store_path(name),
         model,
@@ -141,6 +149,8 @@ def build_cache(p: Params, name: str, rank: int = 0, world: int = 1) -> None:
         rank,
         world,
         barrier,
+        views,
+        augment,
     )
     if rank == 0:
         write_cache_summary(p, name)
@@ -183,6 +193,11 @@ class StudentJob:
     subset_seed: int
     train_seed: int
 
+    @property
+    def seed(self) -> int:
+        """Initialisation and data-order seed: distinct for every (subset seed, train seed)."""
+        return 1000 * self.subset_seed + self.train_seed
+
 
 def student_jobs(p: Params, alpha: float, method: str) -> list[StudentJob]:
     m = p.methods[method]
@@ -192,25 +207,27 @@ def student_jobs(p: Params, alpha: float, method: str) -> list[StudentJob]:
     ]
 
 
-def open_caches(p: Params, m: MethodParams, prep: Prepared) -> tuple[LogitCache, LogitCache]:
-    """The method's cache and the full reference cache, both checked against teacher and dataset."""
+def open_caches(p: Params, method: str, prep: Prepared) -> tuple[LogitCache, LogitCache]:
+    """The method's cache and the reference cache, both checked against teacher and dataset."""
 
     def open_store(name: str) -> LogitCache:
         tid = p.cache.stores[name].teacher
-        return LogitCache(store_path(name), weights_fingerprint(teacher_path(tid)), prep.fingerprint)
+        return LogitCache(
+            store_path(name), weights_fingerprint(teacher_path(tid)), prep.fingerprint
+        )
 
-    return open_store(m.cache), open_store("full")
+    return open_store(p.store_of(method)), open_store(p.cache.reference)
 
 
 def train_students(p: Params, alpha: float, method: str) -> list[dict[str, Any]]:
     """Train every student of one (α, method): all subset seeds × train seeds × τ variants."""
     prep = load_prepared(PREPARED)
     m = p.methods[method]
-    cache, ref = open_caches(p, m, prep)
-    train_targets = cache.read("train")
-    ref_test = ref.read("test").tensors["logits"]
+    cache, ref = open_caches(p, method, prep)
+    train_targets = cache.read("train") if m.uses_teacher else CacheSplit("none", {})
+    ref_test = ref.read("test")
     device = pick_device(p.student.device)
-    phash = params_hash(p.data, p.student, m, p.cache.stores[m.cache])
+    phash = params_hash(p.data, p.student, m, p.cache.stores[p.store_of(method)])
     rev = git_rev()
     rows = []
     for job in student_jobs(p, alpha, method):
@@ -234,12 +251,58 @@ def subset_targets(
             raise ParamsError(f"method {job.method} ({loss}) needs a full cache, got {t.kind}")
     if loss in KD_LOSSES and loss != "kd":
         seed = 1000 * job.subset_seed + job.train_seed
-        t = CacheSplit(
-            "full", {"logits": control_targets(loss, t.tensors["logits"], y, job.m.epsilon, seed)}
+        logits = t.tensors["logits"]
+        flat = logits.flatten(0, -2)  # one row per position or view
+        per_row = (
+            y.flatten() if y.numel() == len(flat) else y.repeat_interleave(len(flat) // len(y))
         )
+        controlled = control_targets(loss, flat, per_row, job.m.epsilon, seed).reshape(logits.shape)
+        t = CacheSplit("full", {**t.tensors, "logits": controlled})
     if loss == "top1_teacher":
         y = t.tensors["logits"].argmax(-1)
     return x, y, t
+
+
+class Batches:
+    """Each step's inputs, labels and teacher rows for the sampled row ids.
+
+    With a cache of augmented views (an `aug` array), every sample of a step gets one of its
+    cached views at random: the input is that view replayed from its stored parameters and the
+    target is the teacher's output for exactly that view — never a fresh augmentation, never a
+    transformed target.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, t: CacheSplit, seed: int):
+        self.x, self.y = x, y
+        self.aug = t.tensors.get("aug")
+        self.t = CacheSplit(t.kind, {k: v for k, v in t.tensors.items() if k != "aug"})
+        self.gen = torch.Generator().manual_seed(seed)
+        self.view = torch.zeros(0, dtype=torch.long)
+
+    def inputs(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.aug is None:
+            return self.x[idx]
+        from kdsweep.vision import apply_aug
+
+        self.view = torch.randint(0, self.aug.shape[1], (len(idx),), generator=self.gen).to(
+            idx.device
+        )
+        return apply_aug(self.x[idx], self.aug[idx, self.view])
+
+    def _pick(self, rows: torch.Tensor) -> torch.Tensor:
+        return (
+            rows
+            if self.aug is None
+            else rows[torch.arange(len(rows), device=rows.device), self.view]
+        )
+
+    def labels(self, idx: torch.Tensor) -> torch.Tensor:
+        y = self.y[idx]
+        return self._pick(y) if self.aug is not None and y.dim() == 2 else y
+
+    def targets(self, idx: torch.Tensor) -> CacheSplit:
+        rows = self.t.rows(idx)
+        return CacheSplit(rows.kind, {k: self._pick(v) for k, v in rows.tensors.items()})
 
 
 def train_one(
@@ -247,22 +310,27 @@ def train_one(
     job: StudentJob,
     prep: Prepared,
     targets: CacheSplit,
-    ref_test: torch.Tensor,
+    ref_test: CacheSplit,
     device: torch.device,
 ) -> dict[str, Any]:
     x, y, t = subset_targets(job, prep, targets)
     x, y, t = x.to(device), y.to(device), t.to(device)
     st = p.student
-    torch.manual_seed(job.train_seed)
+    torch.manual_seed(job.seed)
     model = build_model(st.arch, tuple(x.shape[1:]), prep.splits.num_classes, st.width).to(device)
     steps = num_steps(st.budget.mode, st.budget.value, len(y), st.batch_size)
     m = job.m
     neg = torch.zeros((), device=device)
+    terms = 0
+    batches = Batches(x, y, t, job.seed)
 
     def loss_fn(z: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-        nonlocal neg
-        total, d = student_loss(m.loss, z, y[i], t.rows(i), m.lam, job.tau, m.epsilon, m.topk_mode)
+        nonlocal neg, terms
+        total, d = student_loss(
+            m.loss, z, batches.labels(i), batches.targets(i), m.lam, job.tau, m.epsilon, m.topk_mode
+        )
         neg += (d < 0).sum()
+        terms += d.numel()
         return total
 
     seconds = fit(
@@ -273,18 +341,19 @@ def train_one(
         st.batch_size,
         st.lr,
         st.weight_decay,
-        job.train_seed,
+        job.seed,
         desc=f"{job.method} α={job.alpha:g} s={job.subset_seed}",
+        inputs=batches.inputs,
     )
     model = model.cpu()
     metrics = evaluate(predict(model, prep.splits.x_test), prep.splits.y_test, ref_test)
     n_seen = steps * min(st.batch_size, len(y))
-    store = p.cache.stores[m.cache]
-    uses_teacher = m.loss not in ("ce", "ls")
+    store = p.cache.stores[p.store_of(job.method)]
+    uses_teacher = m.uses_teacher
     return {
         "run_id": uuid.uuid5(uuid.NAMESPACE_URL, f"{job}").hex[:12],
         "dataset": p.data.name,
-        "task": "vision",
+        "task": p.data.task,
         "teacher_id": store.teacher if uses_teacher else None,
         "teacher_arch": p.teacher.arch,
         "student_arch": st.arch,
@@ -293,7 +362,7 @@ def train_one(
         "lam": m.lam if m.loss in (*KD_LOSSES, "logit_mse") else None,
         "tau": job.tau if m.loss in KD_LOSSES else None,
         "epsilon": m.epsilon if m.loss in ("ls", "ls_teacher") else None,
-        "cache_name": m.cache if uses_teacher else None,
+        "cache_name": p.store_of(job.method) if uses_teacher else None,
         "cache_kind": store.kind if uses_teacher else None,
         "k": store.k if uses_teacher else None,
         "topk_mode": m.topk_mode if uses_teacher and store.kind == "topk" else None,
@@ -306,11 +375,11 @@ def train_one(
         "steps": steps,
         "test_acc": metrics["test_acc"],
         "test_error": metrics["test_error"],
-        "test_ppl": None,
+        "test_ppl": metrics["test_ppl"] if p.data.task == "lm" else None,
         "agreement": metrics["agreement"],
         "test_kl": metrics["test_kl"],
         "ece": metrics["ece"],
-        "neg_kl_frac": float(neg) / n_seen if uses_teacher else None,
+        "neg_kl_frac": float(neg) / terms if uses_teacher else None,
         "train_seconds": seconds,
     }
 

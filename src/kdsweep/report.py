@@ -25,11 +25,11 @@ from kdsweep.analysis import (
     LS_CONTROLS,
     Analysis,
     analyse,
-    atomic_write_text,
     hypothesis_assessment,
     median_multiplier,
     read_runs,
 )
+from kdsweep.io import atomic_write_text
 
 Row = dict[str, Any]
 ABLATION_KINDS = ("topk", "sampled")
@@ -49,7 +49,7 @@ def write_report(
         figures["gain"] = _plot_gain(an, fig_dir / "relative_gain.png")
     if an.multipliers:
         figures["multiplier"] = _plot_multiplier(an, fig_dir / "multiplier.png")
-    if temperature_families(an.summary):
+    if _temperature_families(an.summary):
         figures["tau"] = _plot_temperature(an, fig_dir / "temperature_sweep.png")
     if any(r["cache_kind"] in ABLATION_KINDS for r in an.summary):
         figures["cache"] = _plot_cache(an, caches, fig_dir / "cache_ablation.png")
@@ -76,7 +76,7 @@ def load_cache_summaries(logits_dir: Path | None) -> list[Row]:
 # Grouping helpers
 
 
-def variant_order(an: Analysis) -> list[str]:
+def _variant_order(an: Analysis) -> list[str]:
     """Baseline, reference, then every other variant (by method, then τ)."""
     first = [v for v in (an.baseline, an.reference) if v is not None]
     return first + [v for v in an.runs.variants() if v not in first]
@@ -86,7 +86,7 @@ def _cells(an: Analysis) -> dict[tuple[str, float], Row]:
     return {(r["variant"], r["alpha"]): r for r in an.summary}
 
 
-def temperature_families(summary: Sequence[Row]) -> dict[tuple[Any, ...], dict[float, list[Row]]]:
+def _temperature_families(summary: Sequence[Row]) -> dict[tuple[Any, ...], dict[float, list[Row]]]:
     """Students that differ only in τ — same loss, cache, λ and top-k mode, across methods, so
     kd(τ=4) and kd_tau(τ=1, 16) form one sweep — at each α where ≥ 2 distinct τ exist."""
     fams: dict[tuple[Any, ...], dict[float, list[Row]]] = {}
@@ -136,7 +136,7 @@ def _plot_scores(an: Analysis, path: Path) -> Path:
     fig = Figure(figsize=(8, 5))
     ax = fig.subplots()
     colors = matplotlib.colormaps["tab10"].colors
-    for i, v in enumerate(variant_order(an)):
+    for i, v in enumerate(_variant_order(an)):
         rows = [r for r in an.summary if r["variant"] == v]
         a = [r["alpha"] for r in rows]
         main = v in (an.baseline, an.reference)
@@ -199,7 +199,7 @@ def _plot_multiplier(an: Analysis, path: Path) -> Path:
 
 
 def _plot_temperature(an: Analysis, path: Path) -> Path:
-    fams = temperature_families(an.summary)
+    fams = _temperature_families(an.summary)
     swept = sorted({a for by_alpha in fams.values() for a in by_alpha})
     panels = sorted({swept[0], swept[-1]})
     fig = Figure(figsize=(6 * len(panels), 4))
@@ -211,7 +211,8 @@ def _plot_temperature(an: Analysis, path: Path) -> Path:
             rows = sorted(by_alpha.get(alpha, []), key=lambda r: r["tau"])
             if rows:
                 loss, cache, lam, mode = key
-                label = f"{loss} ({cache}{', ' + mode if mode else ''}, λ={lam:g})"
+                lam_s = "" if lam is None else f", λ={lam:g}"
+                label = f"{loss} ({cache}{', ' + mode if mode else ''}{lam_s})"
                 _errorbar(ax, [r["tau"] for r in rows], rows, f"C{i}", "o-", label)
         for r in (r for r in an.summary if r["loss"] == "logit_mse" and r["alpha"] == alpha):
             _errorbar(ax, [x_inf], [r], "k", "s", f"{r['variant']} (τ=∞)")
@@ -239,44 +240,59 @@ def _errorbar(
     ax.errorbar(x, y, yerr=err, fmt=fmt, color=color, capsize=3, label=label)
 
 
-def _plot_cache(an: Analysis, caches: Sequence[Row], path: Path) -> Path:
-    abl = [r for r in an.summary if r["cache_kind"] in ABLATION_KINDS]
-    fig = Figure(figsize=(12 if caches else 6, 4))
-    axes = fig.subplots(1, 2 if caches else 1, squeeze=False)
-    ax = axes[0][0]
-    groups: dict[tuple[Any, ...], list[Row]] = {}
-    for r in abl:
-        key = (r["loss"], r["cache_kind"], r["topk_mode"], r["tau"], r["lam"], r["alpha"])
-        groups.setdefault(key, []).append(r)
-    for i, (key, rows) in enumerate(sorted(groups.items(), key=lambda kv: repr(kv[0]))):
-        loss, kind, mode, tau, _, alpha = key
-        rows.sort(key=lambda r: r["k"])
-        label = f"{loss} {kind}{'/' + mode if mode else ''} τ={tau:g} α={alpha:g}"
-        _errorbar(ax, [r["k"] for r in rows], rows, f"C{i}", "o-", label)
-        ref = _full_reference(an.summary, rows[0])
-        if ref:
-            ax.axhline(
-                ref["mean"],
-                color=f"C{i}",
-                ls="--",
-                label=f"full cache: {ref['variant']} α={alpha:g}",
-            )
+def _k_axis(ax: Axes, ks: Sequence[int]) -> None:
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(set(ks)), [str(k) for k in sorted(set(ks))])
+    ax.minorticks_off()
     ax.set_xlabel("k (teacher entries kept per row)")
-    ax.set_ylabel(_score_label(an))
-    ax.set_title("score vs k")
-    ax.legend(fontsize=7)
+
+
+def _ablation_key(r: Row) -> tuple[Any, ...]:
+    return (r["cache_kind"], r["loss"], r["topk_mode"], r["tau"], r["lam"])
+
+
+def _plot_cache(an: Analysis, caches: Sequence[Row], path: Path) -> Path:
+    """One score-vs-k panel per ablation α (full-cache students as black lines), then bytes/row
+    vs k; the colour is the cache kind in every panel."""
+    abl = [r for r in an.summary if r["cache_kind"] in ABLATION_KINDS]
+    color = {kind: f"C{i}" for i, kind in enumerate(ABLATION_KINDS)}
+    alphas = sorted({r["alpha"] for r in abl})
+    n = len(alphas) + bool(caches)
+    fig = Figure(figsize=(5.5 * n, 4))
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    keys = sorted({_ablation_key(r) for r in abl}, key=repr)
+    for ax, alpha in zip(axes, alphas, strict=False):
+        refs: dict[str, Row] = {}
+        for i, key in enumerate(keys):
+            rows = [r for r in abl if r["alpha"] == alpha and _ablation_key(r) == key]
+            if rows:
+                rows.sort(key=lambda r: r["k"])
+                kind, loss, mode, tau, _ = key
+                label = f"{loss} {kind}{'/' + mode if mode else ''} τ={tau:g}"
+                fmt = "osD^v"[i % 5] + "-"
+                _errorbar(ax, [r["k"] for r in rows], rows, color[kind], fmt, label)
+                ref = _full_reference(an.summary, rows[0])
+                if ref:
+                    refs[ref["variant"]] = ref
+        for j, ref in enumerate(refs.values()):
+            ls = ("--", ":", "-.")[j % 3]
+            ax.axhline(ref["mean"], color="k", ls=ls, label=f"full cache: {ref['variant']}")
+        _k_axis(ax, [r["k"] for r in abl])
+        ax.set_ylabel(_score_label(an))
+        ax.set_title(f"score vs k, α = {alpha:g}")
+        ax.legend(fontsize=7)
     if caches:
-        ax = axes[0][1]
-        for i, kind in enumerate(ABLATION_KINDS):
+        ax = axes[-1]
+        for kind in ABLATION_KINDS:
             pts = sorted((c["k"], c["bytes_per_row"]) for c in caches if c["kind"] == kind)
             if pts:
-                ax.plot(*zip(*pts, strict=True), "o-", color=f"C{i}", label=kind)
+                ax.plot(*zip(*pts, strict=True), "o-", color=color[kind], label=kind)
         for j, c in enumerate(c for c in caches if c["kind"] == "full"):
-            ax.axhline(c["bytes_per_row"], color=f"C{j + 2}", ls="--", label=f"full: {c['name']}")
-        ax.set_xscale("log", base=2)
+            ls = ("--", ":", "-.")[j % 3]
+            ax.axhline(c["bytes_per_row"], color="k", ls=ls, label=f"full: {c['name']}")
+        _k_axis(ax, [c["k"] for c in caches if c["kind"] in ABLATION_KINDS])
         ax.set_yscale("log")
-        ax.set_xlabel("k")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
         ax.set_ylabel("bytes per row on disk (compressed)")
         ax.set_title("cache size vs k")
         ax.legend(fontsize=7)
@@ -364,7 +380,7 @@ def _results(an: Analysis, figures: Mapping[str, str]) -> str:
             else f"{r['mean']:.4g} ± {(r['ci_high'] - r['ci_low']) / 2:.2g} ({r['n']})"
         )
 
-    rows = [[v, *(cell(v, a) for a in alphas)] for v in variant_order(an)]
+    rows = [[v, *(cell(v, a) for a in alphas)] for v in _variant_order(an)]
     return (
         f"## Results: {_score_label(an)}\n\nmean ± CI half-width (n students) per variant and α.\n\n"
         + _table(["variant", *(f"α={a:g}" for a in alphas)], rows)
@@ -374,7 +390,10 @@ def _results(an: Analysis, figures: Mapping[str, str]) -> str:
 
 def _gains(an: Analysis, figures: Mapping[str, str]) -> str:
     if not an.gains:
-        return "## Relative gain\n\nNot available: the baseline or the reference has no runs.\n"
+        return (
+            "## Relative gain\n\nNot available: no α at which both the baseline "
+            f"({an.settings.baseline}) and the reference ({an.settings.reference}) have runs.\n"
+        )
     formula = "(ref − base)/base" if an.runs.higher_is_better else "(base − ref)/base"
     rows = [
         [f"{g['alpha']:g}", f"{g['gain']:+.2%}", f"[{g['ci_low']:+.2%}, {g['ci_high']:+.2%}]"]
@@ -391,7 +410,10 @@ def _gains(an: Analysis, figures: Mapping[str, str]) -> str:
 
 def _multipliers(an: Analysis, figures: Mapping[str, str]) -> str:
     if not an.multipliers:
-        return "## Data-efficiency multiplier\n\nNot available: the baseline or the reference has no runs.\n"
+        return (
+            "## Data-efficiency multiplier\n\nNot available: the baseline "
+            f"({an.settings.baseline}) or the reference ({an.settings.reference}) has no runs.\n"
+        )
     m = an.multipliers
 
     def note(x: Row) -> str:
@@ -403,18 +425,19 @@ def _multipliers(an: Analysis, figures: Mapping[str, str]) -> str:
             else ""
         )
 
+    def bound(x: Row) -> str:
+        return "≥ " if x["censored"] else "≤ " if x["clamped"] else ""
+
     rows = [
-        [
-            f"{x['alpha']:g}",
-            _f(x["ref_score"]),
-            f"{x['alpha_star']:.4g}",
-            f"{x['multiplier']:.3g}",
-            note(x),
-        ]
+        [f"{x['alpha']:g}", _f(x["ref_score"]), f"{bound(x)}{x['alpha_star']:.4g}"]
+        + [f"{bound(x)}{x['multiplier']:.3g}", note(x)]
         for x in m
     ]
     med, lower = median_multiplier([x["multiplier"] for x in m], [x["censored"] for x in m])
-    rows.append(["**median**", "", "", f"**{med:.3g}**", "censored (lower bound)" if lower else ""])
+    rows.append(
+        ["**median**", "", "", f"**{'≥ ' if lower else ''}{med:.3g}**"]
+        + ["censored (lower bound)" if lower else ""]
+    )
     return (
         f"## Data-efficiency multiplier\n\nα* is where the {an.baseline} curve (made monotone, "
         f"interpolated linearly in log α) reaches {an.reference}'s mean score at α; the multiplier "
@@ -533,7 +556,7 @@ def _fidelity(an: Analysis) -> str:
         "ece": "ECE",
         "neg_kl_frac": "negative-KL fraction",
     }
-    order = {v: i for i, v in enumerate(variant_order(an))}
+    order = {v: i for i, v in enumerate(_variant_order(an))}
     rows = [
         [r["variant"], f"{r['alpha']:g}", str(r["n"]), *(_f(r[c]) for c in cols)]
         for r in sorted(an.summary, key=lambda r: (order[r["variant"]], r["alpha"]))

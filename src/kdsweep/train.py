@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from kdsweep.cache import CacheSplit
 from kdsweep.errors import KdsweepError
 
 LossFn = Callable[
@@ -47,11 +48,13 @@ def fit(
     weight_decay: float,
     seed: int,
     desc: str = "train",
+    inputs: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """AdamW with cosine decay over `steps` steps of shuffled mini-batches (epoch-wise permutations).
 
-    The data order depends only on `seed`, so a student is reproducible on its own. Returns the
-    training wall time in seconds.
+    The data order depends only on `seed`, so a student is reproducible on its own. `inputs(idx)`
+    replaces `x[idx]` when a batch is built from more than the rows (a replayed augmented view).
+    On CUDA the forward pass runs under bf16 autocast. Returns the training wall time in seconds.
     """
     n = len(x)
     bs = min(batch_size, n)
@@ -66,7 +69,9 @@ def fit(
             perm, pos = torch.randperm(n, generator=gen), 0
         idx = perm[pos : pos + bs].to(x.device)
         pos += bs
-        loss = loss_fn(model(x[idx]), idx).mean()
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=x.device.type == "cuda"):
+            z = model(inputs(idx) if inputs else x[idx])
+        loss = loss_fn(z.float(), idx).mean()
         if not torch.isfinite(loss):
             raise NonFiniteLoss(
                 f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate or "
@@ -81,7 +86,7 @@ def fit(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     model.eval()
     return torch.cat([model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
 
@@ -100,19 +105,36 @@ def expected_calibration_error(logits: torch.Tensor, y: torch.Tensor, bins: int 
 
 
 def evaluate(
-    logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None
-) -> dict[str, float]:
-    """Test accuracy and calibration; agreement and KL(teacher‖student) when teacher outputs exist."""
-    acc = float((logits.argmax(-1) == y).float().mean())
-    out = {"test_acc": acc, "test_error": 1 - acc, "ece": expected_calibration_error(logits, y)}
-    if teacher_logits is not None:
-        out["agreement"] = float((logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean())
+    logits: torch.Tensor, y: torch.Tensor, reference: CacheSplit | None
+) -> dict[str, float | None]:
+    """Test accuracy, perplexity and calibration, per position for sequence models; agreement
+    with the teacher (top-1) and KL(teacher‖student) from the reference cache's test split
+    (KL only when that cache holds full logits)."""
+    z, y = logits.flatten(0, -2), y.flatten()
+    acc = float((z.argmax(-1) == y).float().mean())
+    out: dict[str, float | None] = {
+        "test_acc": acc,
+        "test_error": 1 - acc,
+        "test_ppl": math.exp(float(F.cross_entropy(z, y))),
+        "ece": expected_calibration_error(z, y),
+        "agreement": None,
+        "test_kl": None,
+    }
+    if reference is None:
+        return out
+    t = reference.tensors
+    if reference.kind == "full":
+        teacher = t["logits"].flatten(0, -2)
+        top1 = teacher.argmax(-1)
         out["test_kl"] = float(
             F.kl_div(
-                torch.log_softmax(logits, -1),
-                torch.log_softmax(teacher_logits, -1),
+                torch.log_softmax(z, -1),
+                torch.log_softmax(teacher, -1),
                 log_target=True,
                 reduction="batchmean",
             )
         )
+    else:
+        top1 = t["indices"].flatten(0, -2)[:, 0]
+    out["agreement"] = float((z.argmax(-1) == top1).float().mean())
     return out

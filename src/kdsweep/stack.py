@@ -1,0 +1,214 @@
+"""Stacked training: K students of one architecture trained together in one process (DESIGN.md §7).
+
+The K parameter sets are stacked along a new leading dimension (`torch.func.stack_module_state`)
+and one `vmap`-ed `functional_call` runs every student's forward and loss at once. Each student
+keeps what makes it itself under `train.fit`: its initialisation (`torch.manual_seed(seed)`
+before it is built), its data order (its own `torch.Generator(seed)`, epoch-wise `randperm`), its
+subset and targets, its per-sample loss with its own hyper-parameters, and its AdamW + cosine
+state. AdamW is elementwise, so one AdamW over the stacked tensors *is* K independent AdamWs with
+a shared lr and weight decay; the summed per-student mean losses give each student exactly the
+gradient of its own mean loss. A stacked student therefore equals its sequential twin up to the
+rounding of batched kernels (float64: ~1e-13, see tests/test_stack.py).
+
+Whether stacking pays depends on the device and the student's size (`choose_path`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+from tqdm import tqdm
+
+from kdsweep.cache import CacheSplit
+from kdsweep.losses import student_loss
+from kdsweep.train import NonFiniteLoss
+
+# (logits [bs, C], this student's target rows {name: [bs, ...]}, its hyper-parameters {name: 0-d})
+#   -> (per-sample loss [bs], per-sample distillation term [bs]), like `losses.student_loss`.
+# Called under vmap: pure tensor code, no side effects, no data-dependent Python branches.
+StackedLossFn = Callable[
+    [torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]],
+    tuple[torch.Tensor, torch.Tensor],
+]
+
+# Largest student (parameter count) for which the stacked path is chosen on a CPU. Measured with
+# bench/bench_stack.py on 2 CPU cores (batch 128, MNIST-1D shapes, K ∈ {8, 32}): an MLP of width
+# 32 (2.7k parameters) gains ~2-3x, width 128 (23k) about breaks even, and the 1D CNN loses at
+# every width, because its conv kernels already keep the cores busy one student at a time.
+CPU_STACK_MAX_PARAMS = 10_000
+
+
+@dataclass
+class StackedFit:
+    """The K trained students (ordinary modules, eval mode, in `seeds` order) and what `fit`'s
+    caller records per student: the wall time of the whole stack and each student's fraction of
+    negative distillation terms (`neg_kl_frac`)."""
+
+    models: list[nn.Module]
+    seconds: float
+    neg_frac: list[float]
+
+
+def fit_stacked(
+    model_factory: Callable[[int], nn.Module],
+    seeds: list[int],
+    xs: torch.Tensor,
+    targets: dict[str, torch.Tensor],
+    loss_fn: StackedLossFn,
+    hyper: dict[str, torch.Tensor],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    desc: str = "stacked",
+) -> StackedFit:
+    """Train K = len(seeds) students at once; student k is the one `train.fit` would train with
+    `seed=seeds[k]` on inputs `xs[k]` and targets `{name: t[k]}`.
+
+    xs: [K, n, ...] and every target [K, n, ...] (one stage instance shares α, hence n);
+    hyper: {name: [K]} per-student scalars (τ, λ) handed to `loss_fn` as 0-d tensors.
+    The global RNG is seeded with `seeds[k]` right before `model_factory(seeds[k])`, as `train_one`
+    does before `build_model`. On CUDA the forward runs under bf16 autocast, as in `fit`.
+    """
+    k, n = len(seeds), xs.shape[1]
+    if xs.shape[0] != k:
+        raise ValueError(f"xs holds {xs.shape[0]} students' inputs for {k} seeds")
+    for name, t in targets.items():
+        if tuple(t.shape[:2]) != (k, n):
+            raise ValueError(
+                f"target {name!r} is shaped {tuple(t.shape)}, expected ({k}, {n}, ...): all "
+                "students of one stack must have subsets of the same size (one α)"
+            )
+    for name, h in hyper.items():
+        if tuple(h.shape) != (k,):
+            raise ValueError(
+                f"hyper-parameter {name!r} is shaped {tuple(h.shape)}, expected ({k},)"
+            )
+    device = xs.device
+    # float64, like the Python floats `fit`'s losses get: `1 - lam` then rounds exactly as there
+    hyper = {name: h.to(device, torch.float64) for name, h in hyper.items()}
+    models = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        models.append(model_factory(seed).to(device))
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    base.train()
+
+    def forward(p: dict, b: dict, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(base, (p, b), (x,))
+
+    forward_k, loss_k = vmap(forward), vmap(loss_fn)
+    bs = min(batch_size, n)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    rows = torch.arange(k, device=device)[:, None]
+    neg = torch.zeros(k, device=device)
+    terms = 0
+    t0 = time.perf_counter()
+
+    def new_perm() -> torch.Tensor:
+        return torch.stack([torch.randperm(n, generator=g) for g in gens]).to(device)
+
+    perm, pos = new_perm(), 0
+    for step in tqdm(range(steps), desc=desc, disable=None, leave=False, mininterval=1.0):
+        if pos + bs > n:
+            perm, pos = new_perm(), 0
+        idx = perm[:, pos : pos + bs]
+        pos += bs
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            z = forward_k(params, buffers, xs[rows, idx])
+        per_sample, distill = loss_k(
+            z.float(), {m: t[rows, idx] for m, t in targets.items()}, hyper
+        )
+        loss = per_sample.mean(1)
+        if not torch.isfinite(loss).all():
+            bad = [s for s, ok in zip(seeds, torch.isfinite(loss).tolist(), strict=True) if not ok]
+            raise NonFiniteLoss(
+                f"{desc}: the loss of the students with seeds {bad} became non-finite at step "
+                f"{step}; lower the learning rate or check the cached targets "
+                "(`kdsweep cache verify`)"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        opt.step()
+        sched.step()
+        neg += (distill.detach() < 0).flatten(1).sum(1)
+        terms += distill[0].numel()
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        for i, model in enumerate(models):
+            for name, p in params.items():
+                model.get_parameter(name).copy_(p[i])
+            model.eval()
+    return StackedFit(models, seconds, (neg / max(terms, 1)).tolist())
+
+
+def stacked_student_loss(
+    loss: str, kind: str | None, epsilon: float, topk_mode: str = "tail"
+) -> StackedLossFn:
+    """`losses.student_loss` as a StackedLossFn: targets hold the labels as "y" and the cached
+    teacher rows under the cache's own names; hyper holds "lam" and "tau"."""
+
+    def fn(
+        z: torch.Tensor, t: dict[str, torch.Tensor], h: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        teacher = {name: v for name, v in t.items() if name != "y"}
+        rows = CacheSplit(kind, teacher) if kind is not None else None
+        return student_loss(loss, z, t["y"], rows, h["lam"], h["tau"], epsilon, topk_mode)
+
+    return fn
+
+
+def stack_subsets(
+    parts: list[tuple[torch.Tensor, torch.Tensor, CacheSplit | None]],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Stack each student's (x, y, teacher rows), as `pipeline.subset_targets` returns them, into
+    `fit_stacked`'s xs and targets. Caches of augmented views are not stacked: `Batches` draws a
+    view per sample from its own generator, which a stack does not replay."""
+    sizes = {len(x) for x, _, _ in parts}
+    if len(sizes) != 1:
+        raise ValueError(f"stacked students need subsets of one size (one α), got sizes {sizes}")
+    if any(t is not None and "aug" in t.tensors for _, _, t in parts):
+        raise ValueError("caches of augmented views train one student at a time")
+    xs = torch.stack([x for x, _, _ in parts])
+    targets = {"y": torch.stack([y for _, y, _ in parts])}
+    first = parts[0][2]
+    for name in first.tensors if first is not None else ():
+        targets[name] = torch.stack([t.tensors[name] for _, _, t in parts])
+    return xs, targets
+
+
+def choose_path(device: torch.device, model: nn.Module, k: int, forced: str) -> str:
+    """ "stacked" or "sequential" for K students like `model` on `device`.
+
+    forced "on"/"off" wins. Otherwise ("auto"): on CUDA stacking any K > 1 pays (DESIGN.md §7:
+    ~110x for 256 MLPs, ~2.7x for 32 ResNet-20s on an H200); elsewhere only students below
+    CPU_STACK_MAX_PARAMS parameters gain, since a bigger one already fills the cores alone.
+    """
+    if forced not in ("on", "off", "auto"):
+        raise ValueError(f"stacking must be 'on', 'off' or 'auto', got {forced!r}")
+    if forced != "auto":
+        return "stacked" if forced == "on" else "sequential"
+    if k <= 1:
+        return "sequential"
+    if device.type == "cuda":
+        return "stacked"
+    size = sum(p.numel() for p in model.parameters())
+    return "stacked" if size < CPU_STACK_MAX_PARAMS else "sequential"
+
+
+def memory_groups(k: int, bytes_per_student: int, budget_bytes: int) -> list[range]:
+    """Consecutive groups of the K students, each within `budget_bytes` (but at least one
+    student), sized evenly so that no small remainder group wastes a whole pass."""
+    per = max(1, budget_bytes // max(bytes_per_student, 1))
+    n_groups = -(-k // per)
+    bounds = [k * g // n_groups for g in range(n_groups + 1)]
+    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

@@ -1,0 +1,138 @@
+"""kdsweep.report on synthetic runs: every section, figure and plot file, and the minimal case."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from kdsweep.analysis import analyse, hypothesis_assessment, write_parquet
+from kdsweep.report import write_report
+from tests.test_analysis import PARAMS, synthetic_rows, table_of
+
+CACHES = [
+    {"name": "full", "kind": "full", "k": None, "bytes_per_row": 20.0},
+    {"name": "top2", "kind": "topk", "k": 2, "bytes_per_row": 4.0},
+    {"name": "top4", "kind": "topk", "k": 4, "bytes_per_row": 7.0},
+    {"name": "sampled4", "kind": "sampled", "k": 4, "bytes_per_row": 1.0},
+]
+
+
+def _write_caches(logits: Path) -> Path:
+    logits.mkdir()
+    for c in CACHES:
+        info = c | {"dtype": "float16", "teacher": "main", "bytes_on_disk": 1000}
+        info |= {"compression_ratio": 1.5, "teacher_test_acc": 0.97, "num_rows": 50}
+        (logits / f"{c['name']}.json").write_text(json.dumps(info))
+    return logits
+
+
+def _report(tmp_path: Path, rows: list[dict[str, Any]], logits: Path | None) -> tuple[str, Path]:
+    parquet = tmp_path / "runs.parquet"
+    write_parquet(table_of(rows), parquet)
+    out = tmp_path / "reports"
+    path = write_report(parquet, PARAMS, out, logits)
+    assert path == out / "report.md"
+    return path.read_text(), out
+
+
+def _figures(md: str, out: Path) -> list[Path]:
+    """The figures report.md links to; each must exist and be a non-trivial PNG."""
+    paths = [out / p for p in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000, p
+    return paths
+
+
+def test_full_report(tmp_path: Path) -> None:
+    rows = synthetic_rows()
+    md, out = _report(tmp_path, rows, _write_caches(tmp_path / "logits"))
+    names = {p.name for p in _figures(md, out)}
+    assert names == {
+        "score_vs_alpha.png",
+        "relative_gain.png",
+        "multiplier.png",
+        "temperature_sweep.png",
+        "cache_ablation.png",
+    }
+    for heading in (
+        "## Results: test accuracy",
+        "## Relative gain of kd over ce",
+        "## Data-efficiency multiplier",
+        "### Hypothesis: label smoothing",
+        "### Hypothesis: dark knowledge",
+        "### Other controls",
+        "## Fidelity and calibration",
+        "## Logit caches",
+    ):
+        assert heading in md
+    # results row: ce at α=0.1 over 3 seeds
+    assert re.search(r"^\| ce \| 0\.\d+ ± [\d.e-]+ \(3\) \| 0\.7\d* ± [\d.e-]+ \(3\) \|", md, re.M)
+    assert "| kd_tau(τ=16) |" in md
+    # KD beats every CE point at α=1: censored there (and the smallest multiplier, 1, so the
+    # median is a lower bound too), not at α=0.02
+    assert re.search(r"^\| 1 \|.*\| censored \(lower bound\) \|$", md, re.M)
+    assert re.search(r"^\| 0\.02 \|.*\|  \|$", md, re.M)
+    assert re.search(
+        r"^\| \*\*median\*\* \|.*\| \*\*≥ [\d.]+\*\* \| censored \(lower bound\) \|$", md, re.M
+    )
+    assert re.search(r"^\| 1 \| [\d.]+ \| ≥ 1 \| ≥ 1 \|", md, re.M)
+    # verdict sentences follow the numbers
+    assert "At α=0.02, **shuffled_dk falls short of kd**" in md
+    assert "At α=1, **shuffled_dk matches kd**" in md
+    assert "At α=0.02, **ls_matched matches kd**" in md
+    assert "**top1_teacher falls short of kd**" in md  # an "other" control, not an LS one
+    h = hypothesis_assessment(analyse(table_of(rows), PARAMS).verdicts)
+    assert f"**Verdict: {h['label_smoothing']['verdict']}**" in md
+    assert f"**Verdict: {h['dark_knowledge']['verdict']}**" in md
+    assert "largest at α=0.02" in md and "the smallest α tested" in md
+    assert "| top2 | topk | 2 |" in md
+    acc = list(csv.DictReader((out / "plots" / "accuracy.csv").read_text().splitlines()))
+    assert len(acc) == len({(r["method"], r["tau"], r["alpha"]) for r in rows})
+    assert set(acc[0]) == {"alpha", "variant", "score", "ci_low", "ci_high"}
+    gain = list(csv.DictReader((out / "plots" / "gain.csv").read_text().splitlines()))
+    assert [float(g["alpha"]) for g in gain] == [0.02, 0.1, 1.0]
+    assert all(float(g["ci_low"]) <= float(g["gain"]) <= float(g["ci_high"]) for g in gain)
+
+
+def test_minimal_report_with_only_ce_and_kd(tmp_path: Path) -> None:
+    md, out = _report(tmp_path, synthetic_rows(methods={"ce", "kd"}), tmp_path / "absent")
+    names = {p.name for p in _figures(md, out)}
+    assert names == {"score_vs_alpha.png", "relative_gain.png", "multiplier.png"}
+    assert "Not tested" in md and "### Hypothesis:" not in md and "## Logit caches" not in md
+    assert not (out / "figures" / "temperature_sweep.png").exists()
+    assert "## Relative gain of kd over ce" in md
+
+
+def test_report_without_the_baseline(tmp_path: Path) -> None:
+    md, out = _report(tmp_path, synthetic_rows(methods={"kd", "ls"}), None)
+    assert "Not available: no α at which both the baseline (ce) and the reference (kd)" in md
+    assert "Not available: the baseline (ce) or the reference (kd) has no runs." in md
+    assert "baseline **ce (absent)**" in md
+    assert (out / "plots" / "gain.csv").read_text() == "alpha,gain,ci_low,ci_high\n"
+
+
+def test_report_for_language_models_uses_perplexity(tmp_path: Path) -> None:
+    rows = synthetic_rows(methods={"ce", "kd", "shuffled_dk"}, task="lm")
+    md, out = _report(tmp_path, rows, None)
+    _figures(md, out)
+    assert "## Results: test perplexity (lower is better)" in md
+    assert "(base − ref)/base" in md
+    assert "At α=0.02, **shuffled_dk falls short of kd**" in md
+    gain_csv = (out / "plots" / "gain.csv").read_text().splitlines()
+    gains = [float(g["gain"]) for g in csv.DictReader(gain_csv)]
+    assert gains[0] > 0  # KD's lower perplexity is a positive gain
+
+
+def test_report_names_the_tuned_reference_and_single_seed_verdicts(tmp_path: Path) -> None:
+    rows = synthetic_rows(methods={"ce", "kd_tau", "ls_matched"}, seeds=(0,))
+    parquet = tmp_path / "runs.parquet"
+    write_parquet(table_of(rows), parquet)
+    params = {"analysis": PARAMS["analysis"] | {"reference": "kd_tau"}}
+    md = write_report(parquet, params, tmp_path / "out").read_text()
+    assert "`kd_tau` sweeps τ: the reference is its variant with the best mean" in md
+    assert "## Relative gain of kd_tau(τ=16) over ce" in md
+    assert "**ls_matched cannot be compared (fewer than 2 students) with kd_tau(τ=16)**" in md
+    assert "**Verdict: not supported**" in md  # undetermined supports neither explanation

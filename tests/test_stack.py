@@ -1,0 +1,152 @@
+"""Stacked training is sequential training, K students at a time (kdsweep.stack)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdsweep.cache import CacheSplit
+from kdsweep.losses import student_loss
+from kdsweep.models import build_model
+from kdsweep.stack import (
+    CPU_STACK_MAX_PARAMS,
+    choose_path,
+    fit_stacked,
+    memory_groups,
+    stack_subsets,
+    stacked_student_loss,
+)
+from kdsweep.train import NonFiniteLoss, fit
+
+SEEDS = [3, 1007, 2000]
+N, BS, STEPS = 40, 16, 7  # 2 batches per epoch, the last 8 rows dropped: 4 permutations
+
+
+def _data(k: int = 3) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(k, N, 1, 40, generator=g, dtype=torch.float64)
+    ys = torch.randint(0, 10, (k, N), generator=g)
+    logits = 3 * torch.randn(k, N, 10, generator=g, dtype=torch.float64)
+    return xs, {"y": ys, "logits": logits}
+
+
+def _factory(arch: str, width: int):
+    return lambda seed: build_model(arch, (1, 40), 10, width).double()
+
+
+@pytest.mark.parametrize(
+    ("arch", "width", "loss", "kind"),
+    [("mlp", 16, "ce", None), ("mlp", 16, "kd", "full"), ("cnn1d", 8, "kd", "full")],
+)
+def test_stacked_equals_sequential_fit(arch: str, width: int, loss: str, kind: str | None) -> None:
+    xs, targets = _data()
+    if kind is None:
+        targets = {"y": targets["y"]}
+    lam, taus = [0.9, 0.5, 1.0], [1.0, 2.0, 4.0]
+    hyper = {"lam": torch.tensor(lam), "tau": torch.tensor(taus)}
+    fn = stacked_student_loss(loss, kind, 0.0)
+    out = fit_stacked(_factory(arch, width), SEEDS, xs, targets, fn, hyper, STEPS, BS, 0.01, 0.1)
+    for k, seed in enumerate(SEEDS):
+        torch.manual_seed(seed)  # as pipeline.train_one initialises a student
+        model = _factory(arch, width)(seed)
+        rows = CacheSplit("full", {"logits": targets["logits"][k]}) if kind else None
+
+        def loss_fn(z: torch.Tensor, i: torch.Tensor, k=k, rows=rows) -> torch.Tensor:
+            t = rows.rows(i) if rows else None
+            return student_loss(loss, z, targets["y"][k][i], t, lam[k], taus[k], 0.0)[0]
+
+        fit(model, xs[k], loss_fn, STEPS, BS, 0.01, 0.1, seed)
+        stacked = out.models[k]
+        assert not stacked.training
+        for (name, a), b in zip(model.named_parameters(), stacked.parameters(), strict=True):
+            assert torch.allclose(a, b, rtol=0, atol=1e-10), (name, (a - b).abs().max())
+            assert not torch.equal(a, _factory(arch, width)(0).get_parameter(name))
+
+
+def test_seed_sets_data_order() -> None:
+    """Same initialisation and data for all: only the seed's data order tells students apart."""
+    xs, targets = _data()
+    xs, targets = xs[:1].expand(4, -1, -1, -1), {"y": targets["y"][:1].expand(4, -1)}
+
+    def same_init(seed: int) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_model("mlp", (1, 40), 10, 8).double()
+
+    hyper = {"lam": torch.zeros(4), "tau": torch.ones(4)}
+    fn = stacked_student_loss("ce", None, 0.0)
+    models = fit_stacked(same_init, [5, 6, 5, 7], xs, targets, fn, hyper, 3, BS, 0.01, 0.0).models
+    flat = [torch.cat([p.flatten() for p in m.parameters()]) for m in models]
+    assert torch.equal(flat[0], flat[2])
+    assert not torch.allclose(flat[0], flat[1]) and not torch.allclose(flat[1], flat[3])
+
+
+def test_subsets_must_share_size() -> None:
+    xs, targets = _data()
+    fn = stacked_student_loss("ce", None, 0.0)
+    hyper = {"lam": torch.zeros(3), "tau": torch.ones(3)}
+    with pytest.raises(ValueError, match="same size"):
+        fit_stacked(
+            _factory("mlp", 8), SEEDS, xs, {"y": targets["y"][:, :-1]}, fn, hyper, 1, 8, 0.01, 0.0
+        )
+    with pytest.raises(ValueError, match="one size"):
+        stack_subsets([(xs[0], targets["y"][0], None), (xs[1][:-1], targets["y"][1][:-1], None)])
+
+
+def test_stack_subsets_layout() -> None:
+    xs, targets = _data(2)
+    parts = [
+        (xs[k], targets["y"][k], CacheSplit("full", {"logits": targets["logits"][k]}))
+        for k in range(2)
+    ]
+    sx, st = stack_subsets(parts)
+    assert torch.equal(sx, xs) and torch.equal(st["y"], targets["y"])
+    assert torch.equal(st["logits"], targets["logits"])
+    aug = CacheSplit("full", {"logits": targets["logits"][0], "aug": torch.zeros(N, 2, 3)})
+    with pytest.raises(ValueError, match="augmented"):
+        stack_subsets([(xs[0], targets["y"][0], aug)])
+
+
+def test_non_finite_loss_names_the_student() -> None:
+    xs, targets = _data()
+    xs[1, :, 0, 0] = float("nan")
+
+    def ce(z: torch.Tensor, t: dict, h: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = F.cross_entropy(z, t["y"], reduction="none")
+        return loss, torch.zeros_like(loss)
+
+    with pytest.raises(NonFiniteLoss, match=r"\[1007\]"):
+        fit_stacked(_factory("mlp", 8), SEEDS, xs, {"y": targets["y"]}, ce, {}, 2, BS, 0.01, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("k", "per_student", "budget", "sizes"),
+    [
+        (10, 1, 4, [3, 3, 4]),
+        (8, 1, 4, [4, 4]),
+        (5, 100, 10, [1, 1, 1, 1, 1]),  # a student over budget still trains, alone
+        (3, 1, 1000, [3]),
+        (1, 5, 5, [1]),
+    ],
+)
+def test_memory_groups(k: int, per_student: int, budget: int, sizes: list[int]) -> None:
+    groups = memory_groups(k, per_student, budget)
+    assert [len(g) for g in groups] == sizes
+    assert [i for g in groups for i in g] == list(range(k))
+
+
+def test_choose_path() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    small = build_model("mlp", (1, 40), 10, 32)
+    big = build_model("cnn1d", (1, 40), 10, 64)
+    assert sum(p.numel() for p in small.parameters()) < CPU_STACK_MAX_PARAMS
+    assert sum(p.numel() for p in big.parameters()) >= CPU_STACK_MAX_PARAMS
+    assert choose_path(cpu, small, 8, "auto") == "stacked"
+    assert choose_path(cpu, big, 8, "auto") == "sequential"
+    assert choose_path(cpu, small, 1, "auto") == "sequential"
+    assert choose_path(cuda, big, 8, "auto") == "stacked"
+    assert choose_path(cuda, big, 1, "auto") == "sequential"
+    assert choose_path(cpu, big, 8, "on") == "stacked"
+    assert choose_path(cuda, small, 8, "off") == "sequential"
+    with pytest.raises(ValueError):
+        choose_path(cpu, small, 8, "yes")
