@@ -16,6 +16,7 @@ TINY: dict = {
     "subset_seeds": [0, 1],
     "teacher": {"arch": "cnn1d", "width": 16, "epochs": 2, "batch_size": 64, "lr": 0.01},
     "cache": {
+        "codec": {"name": "blosc", "cname": "zstd", "clevel": 5, "shuffle": "shuffle"},
         "chunk_rows": 128,
         "batch_size": 50,
         "stores": {
