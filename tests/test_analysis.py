@@ -63,6 +63,7 @@ def run_row(**kw: Any) -> dict[str, Any]:
         "steps": 10,
         "test_acc": 0.5,
         "train_seconds": 1.0,
+        "train_path": "sequential",
         "params_hash": "h",
         "git_rev": "g",
     }

@@ -108,3 +108,23 @@ def test_teammate_pulls_teachers_and_caches_and_never_runs_them(repo, tmp_path):
     ran = stages_run(run(clone, "dvc", "repro"))
     assert ran and not any(s.startswith(("prepare", "teacher", "cache")) for s in ran), ran
     assert "aggregate" in ran and pq.read_table(clone / "data/results/runs.parquet").num_rows == 14
+
+
+def test_queued_experiments_run_in_parallel_workers(repo):
+    """`dvc exp run --queue` + `dvc queue start -j 2`: two τ values, two workers, both finish."""
+    import time
+
+    for tau in (3, 5):
+        run(repo, "dvc", "exp", "run", "--queue", "-S", f"methods.kd.tau={tau}")
+    run(repo, "dvc", "queue", "start", "-j", "2")
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        status = run(repo, "dvc", "queue", "status")
+        if not any(w in status for w in ("Queued", "Running")):
+            break
+        time.sleep(3)
+    assert "Failed" not in status, status
+    assert status.count("Success") >= 2, status
+    shown = run(repo, "dvc", "exp", "show", "--json")
+    text = json.dumps(json.loads(shown[shown.index("[") :]))
+    assert '"tau": 3' in text and '"tau": 5' in text

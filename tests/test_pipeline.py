@@ -127,3 +127,21 @@ def test_invalid_params_name_the_key_and_the_allowed_values(path, value, message
     with pytest.raises(ParamsError) as err:
         parse_params(raw)
     assert message in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("method", ["kd", "ls_matched", "kd_top3", "ce"])
+def test_stacked_stage_matches_the_sequential_one(workspace, method):
+    """student.stacked: on trains all students of the stage at once; the rows match `off`."""
+    rows = {}
+    for mode in ("on", "off"):
+        raw = tiny_raw()
+        raw["student"].update(arch="mlp", width=16, stacked=mode)
+        rows[mode] = pipeline.train_students(parse_params(raw), 0.05, method)
+    assert [r["train_path"] for r in rows["on"]] == ["stacked"] * len(rows["on"])
+    assert [r["train_path"] for r in rows["off"]] == ["sequential"] * len(rows["off"])
+    n_tau = len(parse_params(tiny_raw()).methods[method].taus)
+    assert len(rows["on"]) == len(rows["off"]) == 2 * n_tau  # two subset seeds × τ variants
+    for a, b in zip(rows["on"], rows["off"], strict=True):
+        assert (a["subset_seed"], a["tau"]) == (b["subset_seed"], b["tau"])
+        assert a["test_acc"] == pytest.approx(b["test_acc"], abs=0.01)
+        assert a["agreement"] == pytest.approx(b["agreement"], abs=0.01)

@@ -20,14 +20,25 @@ from kdsweep.stack import (
 from kdsweep.train import NonFiniteLoss, fit
 
 SEEDS = [3, 1007, 2000]
+F64 = torch.float64
 N, BS, STEPS = 40, 16, 7  # 2 batches per epoch, the last 8 rows dropped: 4 permutations
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny kernels: one thread is fastest, and spares a busy 2-core box the OpenMP contention
+    that made these tests 30x slower under load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _data(k: int = 3) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
-    xs = torch.randn(k, N, 1, 40, generator=g, dtype=torch.float64)
+    xs = torch.randn(k, N, 1, 40, generator=g, dtype=F64)
     ys = torch.randint(0, 10, (k, N), generator=g)
-    logits = 3 * torch.randn(k, N, 10, generator=g, dtype=torch.float64)
+    logits = 3 * torch.randn(k, N, 10, generator=g, dtype=F64)
     return xs, {"y": ys, "logits": logits}
 
 
@@ -44,7 +55,7 @@ def test_stacked_equals_sequential_fit(arch: str, width: int, loss: str, kind: s
     if kind is None:
         targets = {"y": targets["y"]}
     lam, taus = [0.9, 0.5, 1.0], [1.0, 2.0, 4.0]
-    hyper = {"lam": torch.tensor(lam), "tau": torch.tensor(taus)}
+    hyper = {"lam": torch.tensor(lam, dtype=F64), "tau": torch.tensor(taus, dtype=F64)}
     fn = stacked_student_loss(loss, kind, 0.0)
     out = fit_stacked(_factory(arch, width), SEEDS, xs, targets, fn, hyper, STEPS, BS, 0.01, 0.1)
     for k, seed in enumerate(SEEDS):
@@ -73,7 +84,7 @@ def test_seed_sets_data_order() -> None:
         torch.manual_seed(0)
         return build_model("mlp", (1, 40), 10, 8).double()
 
-    hyper = {"lam": torch.zeros(4), "tau": torch.ones(4)}
+    hyper = {"lam": torch.zeros(4, dtype=F64), "tau": torch.ones(4, dtype=F64)}
     fn = stacked_student_loss("ce", None, 0.0)
     models = fit_stacked(same_init, [5, 6, 5, 7], xs, targets, fn, hyper, 3, BS, 0.01, 0.0).models
     flat = [torch.cat([p.flatten() for p in m.parameters()]) for m in models]
@@ -84,10 +95,14 @@ def test_seed_sets_data_order() -> None:
 def test_subsets_must_share_size() -> None:
     xs, targets = _data()
     fn = stacked_student_loss("ce", None, 0.0)
-    hyper = {"lam": torch.zeros(3), "tau": torch.ones(3)}
+    hyper = {"lam": torch.zeros(3, dtype=F64), "tau": torch.ones(3, dtype=F64)}
     with pytest.raises(ValueError, match="same size"):
         fit_stacked(
             _factory("mlp", 8), SEEDS, xs, {"y": targets["y"][:, :-1]}, fn, hyper, 1, 8, 0.01, 0.0
+        )
+    with pytest.raises(ValueError, match="float64"):
+        fit_stacked(
+            _factory("mlp", 8), SEEDS, xs, targets, fn, {"lam": torch.zeros(3)}, 1, 8, 0.01, 0.0
         )
     with pytest.raises(ValueError, match="one size"):
         stack_subsets([(xs[0], targets["y"][0], None), (xs[1][:-1], targets["y"][1][:-1], None)])

@@ -57,6 +57,7 @@ RUN_SCHEMA = pa.schema(
         ("ece", _F),
         ("neg_kl_frac", _F),
         ("train_seconds", _F),
+        ("train_path", _S),
         ("params_hash", _S),
         ("git_rev", _S),
     ]

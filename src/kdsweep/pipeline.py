@@ -26,6 +26,13 @@ from kdsweep.distributed import barrier
 from kdsweep.io import atomic_write_json, load_checkpoint, save_checkpoint, weights_fingerprint
 from kdsweep.losses import KD_LOSSES, control_targets, student_loss
 from kdsweep.models import build_model, reinit_head
+from kdsweep.stack import (
+    choose_path,
+    fit_stacked,
+    memory_groups,
+    stack_subsets,
+    stacked_student_loss,
+)
 from kdsweep.train import evaluate, fit, num_steps, pick_device, predict
 
 DATA = Path("data")
@@ -220,22 +227,89 @@ def open_caches(p: Params, method: str, prep: Prepared) -> tuple[LogitCache, Log
 
 
 def train_students(p: Params, alpha: float, method: str) -> list[dict[str, Any]]:
-    """Train every student of one (α, method): all subset seeds × train seeds × τ variants."""
+    """Train every student of one (α, method): all subset seeds × train seeds × τ variants.
+
+    On one device, either together (stacked under vmap, in memory-sized groups) or one after
+    another, whichever `stack.choose_path` says is faster for this student and device;
+    `student.stacked: on|off` forces either.
+    """
     prep = load_prepared(PREPARED)
     m = p.methods[method]
     cache, ref = open_caches(p, method, prep)
     train_targets = cache.read("train") if m.uses_teacher else CacheSplit("none", {})
     ref_test = ref.read("test")
     device = pick_device(p.student.device)
-    phash = params_hash(p.data, p.student, m, p.cache.stores[p.store_of(method)])
-    rev = git_rev()
-    rows = []
-    for job in student_jobs(p, alpha, method):
-        rows.append(
-            train_one(p, job, prep, train_targets, ref_test, device)
-            | {"params_hash": phash, "git_rev": rev}
+    jobs = student_jobs(p, alpha, method)
+    parts = [subset_targets(job, prep, train_targets) for job in jobs]
+    num_classes = prep.splits.num_classes
+    probe = _student_model(p, num_classes, parts[0][0], seed=0)
+    views = "aug" in train_targets.tensors
+    path = "sequential" if views else choose_path(device, probe, len(jobs), p.student.stacked)
+    if path == "stacked":
+        trained = _fit_groups(p, jobs, parts, probe, num_classes, device)
+    else:
+        trained = [
+            train_one(p, job, part, num_classes, device)
+            for job, part in zip(jobs, parts, strict=True)
+        ]
+    base = {"params_hash": params_hash(p.data, p.student, m, p.cache.stores[p.store_of(method)])}
+    base |= {"git_rev": git_rev(), "train_path": path}
+    return [
+        result_row(p, job, model, seconds, neg, prep, ref_test) | base
+        for job, (model, seconds, neg) in zip(jobs, trained, strict=True)
+    ]
+
+
+def _student_model(p: Params, num_classes: int, x: torch.Tensor, seed: int) -> torch.nn.Module:
+    """A fresh student for inputs like `x`; the seed fixes its initialisation."""
+    torch.manual_seed(seed)
+    return build_model(p.student.arch, tuple(x.shape[1:]), num_classes, p.student.width)
+
+
+def _fit_groups(
+    p: Params,
+    jobs: list[StudentJob],
+    parts: list[tuple[torch.Tensor, torch.Tensor, CacheSplit]],
+    probe: torch.nn.Module,
+    num_classes: int,
+    device: torch.device,
+) -> list[tuple[torch.nn.Module, float, float]]:
+    """Stacked training in groups that fit memory (half the free GPU memory, 4 GiB on a CPU).
+
+    A student's footprint is estimated as parameters + gradients + AdamW state (16 bytes a
+    parameter) plus its subset, targets and a generous allowance for activations.
+    """
+    st, m = p.student, jobs[0].m
+    x0, y0, t0 = parts[0]
+    data_bytes = x0.nbytes + y0.nbytes + sum(v.nbytes for v in t0.tensors.values())
+    n_params = sum(q.numel() for q in probe.parameters())
+    act = 4 * min(st.batch_size, len(y0)) * x0[0].numel() * 64
+    budget = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 4 << 30
+    steps = num_steps(st.budget.mode, st.budget.value, len(y0), st.batch_size)
+    loss_fn = stacked_student_loss(m.loss, t0.kind if t0.tensors else None, m.epsilon, m.topk_mode)
+    out: list[tuple[torch.nn.Module, float, float]] = []
+    for group in memory_groups(len(jobs), 16 * n_params + data_bytes + act, budget):
+        xs, targets = stack_subsets([parts[i] for i in group])
+        hyper = {
+            "lam": torch.tensor([m.lam] * len(group), dtype=torch.float64),
+            "tau": torch.tensor([jobs[i].tau for i in group], dtype=torch.float64),
+        }
+        res = fit_stacked(
+            lambda seed: _student_model(p, num_classes, x0, seed),
+            [jobs[i].seed for i in group],
+            xs.to(device),
+            {k: v.to(device) for k, v in targets.items()},
+            loss_fn,
+            hyper,
+            steps,
+            st.batch_size,
+            st.lr,
+            st.weight_decay,
+            desc=f"{jobs[0].method} α={jobs[0].alpha:g} ×{len(group)}",
         )
-    return rows
+        share = res.seconds / len(group)
+        out += [(mod.cpu(), share, neg) for mod, neg in zip(res.models, res.neg_frac, strict=True)]
+    return out
 
 
 def subset_targets(
@@ -308,18 +382,15 @@ class Batches:
 def train_one(
     p: Params,
     job: StudentJob,
-    prep: Prepared,
-    targets: CacheSplit,
-    ref_test: CacheSplit,
+    part: tuple[torch.Tensor, torch.Tensor, CacheSplit],
+    num_classes: int,
     device: torch.device,
-) -> dict[str, Any]:
-    x, y, t = subset_targets(job, prep, targets)
-    x, y, t = x.to(device), y.to(device), t.to(device)
-    st = p.student
-    torch.manual_seed(job.seed)
-    model = build_model(st.arch, tuple(x.shape[1:]), prep.splits.num_classes, st.width).to(device)
+) -> tuple[torch.nn.Module, float, float]:
+    """One student on its own: (trained model on the CPU, seconds, fraction of negative KL terms)."""
+    x, y, t = (v.to(device) for v in part)
+    st, m = p.student, job.m
+    model = _student_model(p, num_classes, x, job.seed).to(device)
     steps = num_steps(st.budget.mode, st.budget.value, len(y), st.batch_size)
-    m = job.m
     neg = torch.zeros((), device=device)
     terms = 0
     batches = Batches(x, y, t, job.seed)
@@ -345,9 +416,23 @@ def train_one(
         desc=f"{job.method} α={job.alpha:g} s={job.subset_seed}",
         inputs=batches.inputs,
     )
-    model = model.cpu()
+    return model.cpu(), seconds, float(neg) / max(terms, 1)
+
+
+def result_row(
+    p: Params,
+    job: StudentJob,
+    model: torch.nn.Module,
+    seconds: float,
+    neg_frac: float,
+    prep: Prepared,
+    ref_test: CacheSplit,
+) -> dict[str, Any]:
+    """Evaluate a trained student on the test split and describe it as one runs.parquet row."""
+    st, m = p.student, job.m
     metrics = evaluate(predict(model, prep.splits.x_test), prep.splits.y_test, ref_test)
-    n_seen = steps * min(st.batch_size, len(y))
+    n_train = len(prep.subset(job.alpha, job.subset_seed))
+    steps = num_steps(st.budget.mode, st.budget.value, n_train, st.batch_size)
     store = p.cache.stores[p.store_of(job.method)]
     uses_teacher = m.uses_teacher
     return {
@@ -367,11 +452,11 @@ def train_one(
         "k": store.k if uses_teacher else None,
         "topk_mode": m.topk_mode if uses_teacher and store.kind == "topk" else None,
         "alpha": job.alpha,
-        "n_train": len(y),
+        "n_train": n_train,
         "subset_seed": job.subset_seed,
         "train_seed": job.train_seed,
         "budget_mode": st.budget.mode,
-        "epochs": n_seen / len(y),
+        "epochs": steps * min(st.batch_size, n_train) / n_train,
         "steps": steps,
         "test_acc": metrics["test_acc"],
         "test_error": metrics["test_error"],
@@ -379,7 +464,7 @@ def train_one(
         "agreement": metrics["agreement"],
         "test_kl": metrics["test_kl"],
         "ece": metrics["ece"],
-        "neg_kl_frac": float(neg) / terms if uses_teacher else None,
+        "neg_kl_frac": neg_frac if uses_teacher else None,
         "train_seconds": seconds,
     }
 

@@ -8,7 +8,7 @@ subset and targets, its per-sample loss with its own hyper-parameters, and its A
 state. AdamW is elementwise, so one AdamW over the stacked tensors *is* K independent AdamWs with
 a shared lr and weight decay; the summed per-student mean losses give each student exactly the
 gradient of its own mean loss. A stacked student therefore equals its sequential twin up to the
-rounding of batched kernels (float64: ~1e-13, see tests/test_stack.py).
+rounding of batched kernels (float64, 7 steps: within 3e-16, see tests/test_stack.py).
 
 Whether stacking pays depends on the device and the student's size (`choose_path`).
 """
@@ -38,10 +38,13 @@ StackedLossFn = Callable[
 ]
 
 # Largest student (parameter count) for which the stacked path is chosen on a CPU. Measured with
-# bench/bench_stack.py on 2 CPU cores (batch 128, MNIST-1D shapes, K ∈ {8, 32}): an MLP of width
-# 32 (2.7k parameters) gains ~2-3x, width 128 (23k) about breaks even, and the 1D CNN loses at
-# every width, because its conv kernels already keep the cores busy one student at a time.
-CPU_STACK_MAX_PARAMS = 10_000
+# bench/bench_stack.py (2 cores, 1 torch thread, batch 128, MNIST-1D shapes, cached KD), stacked/
+# sequential samples/s at K = 8 / 32: cnn1d w8 (0.9k) 1.9/2.4x, w16 (2.5k) 1.8/2.3x, w32 (8k)
+# 1.4/1.4x, w64 (28k) 1.1/1.0x; mlp w32 (2.7k) 2.5/5.6x, w64 (7k) 2.5/4.2x, w128 (23k) 2.2/2.6x,
+# w256 (79k) 1.2/1.4x. At K = 1 stacking costs 0.5-0.8x. The CNN gains less per parameter than
+# the MLP (more work per parameter), so the bound sits just below the width-64 CNN, which §7 and
+# this bench both find gains nothing.
+CPU_STACK_MAX_PARAMS = 25_000
 
 
 @dataclass
@@ -72,7 +75,7 @@ def fit_stacked(
     `seed=seeds[k]` on inputs `xs[k]` and targets `{name: t[k]}`.
 
     xs: [K, n, ...] and every target [K, n, ...] (one stage instance shares α, hence n);
-    hyper: {name: [K]} per-student scalars (τ, λ) handed to `loss_fn` as 0-d tensors.
+    hyper: {name: float64 [K]} per-student scalars (τ, λ) handed to `loss_fn` as 0-d tensors.
     The global RNG is seeded with `seeds[k]` right before `model_factory(seeds[k])`, as `train_one`
     does before `build_model`. On CUDA the forward runs under bf16 autocast, as in `fit`.
     """
@@ -86,13 +89,17 @@ def fit_stacked(
                 "students of one stack must have subsets of the same size (one α)"
             )
     for name, h in hyper.items():
+        if h.dtype != torch.float64:  # fit's losses see Python floats: doubles
+            raise ValueError(
+                f"hyper-parameter {name!r} is {h.dtype}; build it as float64 from the Python "
+                "floats, or λ = 0.9 rounds differently from `fit`"
+            )
         if tuple(h.shape) != (k,):
             raise ValueError(
                 f"hyper-parameter {name!r} is shaped {tuple(h.shape)}, expected ({k},)"
             )
     device = xs.device
-    # float64, like the Python floats `fit`'s losses get: `1 - lam` then rounds exactly as there
-    hyper = {name: h.to(device, torch.float64) for name, h in hyper.items()}
+    hyper = {name: h.to(device) for name, h in hyper.items()}
     models = []
     for seed in seeds:
         torch.manual_seed(seed)
@@ -187,7 +194,7 @@ def stack_subsets(
 
 
 def choose_path(device: torch.device, model: nn.Module, k: int, forced: str) -> str:
-    """ "stacked" or "sequential" for K students like `model` on `device`.
+    """Pick "stacked" or "sequential" for K students like `model` on `device`.
 
     forced "on"/"off" wins. Otherwise ("auto"): on CUDA stacking any K > 1 pays (DESIGN.md §7:
     ~110x for 256 MLPs, ~2.7x for 32 ResNet-20s on an H200); elsewhere only students below

@@ -56,6 +56,9 @@ def fit(
     replaces `x[idx]` when a batch is built from more than the rows (a replayed augmented view).
     On CUDA the forward pass runs under bf16 autocast. Returns the training wall time in seconds.
     """
+    # students on tiny subsets drive their loss towards zero; denormal floats then make CPU
+    # arithmetic several times slower (measured ~1.4x on a 600-step α=0.02 student)
+    torch.set_flush_denormal(True)
     n = len(x)
     bs = min(batch_size, n)
     gen = torch.Generator().manual_seed(seed)
