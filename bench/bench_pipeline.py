@@ -59,7 +59,9 @@ def main(params: Path = Path("params.yaml")) -> None:
         print(f"{name:12} {secs / wall:13.1%}")
     work_share = (teacher + student) / wall
     print(f"\ntraining loops (teacher + students): {work_share:6.1%} of wall time")
-    print(f"overhead (everything else):          {1 - work_share:6.1%} of wall time (target <= 25%)")
+    print(
+        f"overhead (everything else):          {1 - work_share:6.1%} of wall time (target <= 25%)"
+    )
     print(f"wall time / 15-minute budget:        {wall / 900:6.2f}")
 
 

@@ -10,7 +10,9 @@ runner = CliRunner()
 def test_cache_info_and_verify(workspace):
     res = runner.invoke(app, ["cache", "info", "data/logits/top3.zarr"])
     assert res.exit_code == 0, res.output
-    assert "compression ratio" in res.output and "topk" in res.output and "bytes per row" in res.output
+    assert (
+        "compression ratio" in res.output and "topk" in res.output and "bytes per row" in res.output
+    )
     res = runner.invoke(app, ["cache", "verify", "data/logits/top3.zarr"])
     assert res.exit_code == 0 and "chunks verified" in res.output
     chunk = workspace / "data/logits/top3.zarr/train/values/c/0/0"

@@ -26,20 +26,32 @@ def e2e_params() -> dict:
     raw["cache"]["stores"] = {k: raw["cache"]["stores"][k] for k in ("full", "top3")}
     raw["methods"] = {k: raw["methods"][k] for k in ("ce", "kd", "ls_matched", "kd_top3")}
     raw["methods"]["kd"]["tau"] = 4
-    raw["sweep"] = {"methods": ["ce", "kd", "ls_matched"], "ablation_alphas": [0.05], "ablation_methods": ["kd_top3"]}
+    raw["sweep"] = {
+        "methods": ["ce", "kd", "ls_matched"],
+        "ablation_alphas": [0.05],
+        "ablation_methods": ["kd_top3"],
+    }
     raw["analysis"] = {"controls": ["ls_matched"], "n_boot": 100}
     return raw
 
 
 def run(cwd: Path, *cmd: str) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+    }
     res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    assert res.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    )
     return res.stdout + res.stderr
 
 
 def stages_run(log: str) -> list[str]:
-    return sorted(line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage"))
+    return sorted(
+        line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")
+    )
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,9 @@ STAGES = Path(__file__).resolve().parents[1] / "stages"
 
 def start(*args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
 
 
 def finish(*args: str) -> None:
@@ -39,7 +41,9 @@ def kill_after(delay: float, *args: str) -> None:
 
 def store_arrays(path: Path) -> dict:
     g = zarr.open_group(path, mode="r")
-    return {f"{s}/{n}": g[s][n][:] for s in ("train", "test") for n in g[s].array_keys()} | {"attrs": g.attrs.asdict()}
+    return {f"{s}/{n}": g[s][n][:] for s in ("train", "test") for n in g[s].array_keys()} | {
+        "attrs": g.attrs.asdict()
+    }
 
 
 @pytest.mark.parametrize("delay", [1.5, 3.0, 4.5])

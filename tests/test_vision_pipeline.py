@@ -26,7 +26,9 @@ def shrink(raw: dict) -> dict:
     return raw
 
 
-def test_cifar100_params_file_runs_on_generated_cifar_data_with_views(tmp_path, monkeypatch, no_md5):  # noqa: F811
+def test_cifar100_params_file_runs_on_generated_cifar_data_with_views(
+    tmp_path, monkeypatch, no_md5
+):  # noqa: F811
     write_cifar100(tmp_path / "raw", n_train=120, n_test=20)
     monkeypatch.chdir(tmp_path)
     raw = shrink(yaml.safe_load((REPO / "params/cifar100.yaml").read_text()))
@@ -55,8 +57,12 @@ def test_cifar100_params_file_runs_on_generated_cifar_data_with_views(tmp_path, 
             want = teacher(apply_aug(x, train["aug"][:10, v]))
         assert torch.allclose(train["logits"][:10, v], want, atol=1e-5)
     # a student replays those views: its inputs are the stored views, its targets their rows
-    batches = pipeline.Batches(x, torch.zeros(10, dtype=torch.long), pipeline.CacheSplit("full", {
-        "logits": train["logits"][:10], "aug": train["aug"][:10]}), seed=0)
+    batches = pipeline.Batches(
+        x,
+        torch.zeros(10, dtype=torch.long),
+        pipeline.CacheSplit("full", {"logits": train["logits"][:10], "aug": train["aug"][:10]}),
+        seed=0,
+    )
     idx = torch.arange(10)
     views = batches.inputs(idx)
     assert torch.equal(views, apply_aug(x, train["aug"][idx, batches.view]))
@@ -85,11 +91,15 @@ def test_digits_pipeline_end_to_end(tmp_path, monkeypatch):
     from kdsweep.report import write_report
 
     table = collect_runs(Path("data/students"))
-    assert table.num_rows == 4 and set(table.column("dataset").to_pylist()) == {"digits"}
+    assert table.num_rows == 5 and set(table.column("dataset").to_pylist()) == {
+        "digits"
+    }  # kd: τ ∈ {1, 4}
     from kdsweep.analysis import write_parquet
 
     write_parquet(table, Path("runs.parquet"))
-    write_report(Path("runs.parquet"), p.model_dump(by_alias=True), Path("reports"), Path("data/logits"))
+    write_report(
+        Path("runs.parquet"), p.model_dump(by_alias=True), Path("reports"), Path("data/logits")
+    )
     report = Path("reports/report.md").read_text()
     assert "dataset **digits**" in report and "ls_matched" in report
 
@@ -103,5 +113,14 @@ def test_image_students_train_with_the_generic_loop(arch):
     m = build_model(arch, (3, 32, 32), 10, 8 if arch == "resnet20" else 32)
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     before = [q.clone() for q in m.parameters()]
-    fit(m, x, lambda z, i: torch.nn.functional.cross_entropy(z, y[i], reduction="none"), 2, 8, 1e-3, 0.0, 0)
+    fit(
+        m,
+        x,
+        lambda z, i: torch.nn.functional.cross_entropy(z, y[i], reduction="none"),
+        2,
+        8,
+        1e-3,
+        0.0,
+        0,
+    )
     assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters(), strict=True))

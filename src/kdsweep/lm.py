@@ -21,6 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 
 from kdsweep.errors import KdsweepError
+from kdsweep.models import Block
 
 EOT = "<|endoftext|>"
 SOURCES = ("pydoc", "stdlib", "textfile", "hf")
@@ -171,37 +172,6 @@ def prefix_order(n: int) -> torch.Tensor:
     return torch.arange(n)
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, length, w = x.shape
-        q, k, v = self.qkv(x).view(b, length, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(out.transpose(1, 2).reshape(b, length, w))
-
-
-class Block(nn.Module):
-    """Pre-LayerNorm transformer block: attention and a 4x GELU MLP, each on a residual path."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(width)
-        self.attn = CausalSelfAttention(width, heads)
-        self.ln2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
-
-
 class GPT(nn.Module):
     """A small decoder-only transformer. The output layer is `.head` (untied from the token
     embedding) so the `random_head` control can re-initialise it alone; no layer keeps running
@@ -214,7 +184,7 @@ class GPT(nn.Module):
         self.seq_len = seq_len
         self.tok_emb = nn.Embedding(vocab_size, width)
         self.pos_emb = nn.Embedding(seq_len, width)
-        self.blocks = nn.Sequential(*(Block(width, heads) for _ in range(depth)))
+        self.blocks = nn.Sequential(*(Block(width, heads, causal=True) for _ in range(depth)))
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab_size)
         self.apply(self._init_weights)

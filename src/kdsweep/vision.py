@@ -20,6 +20,7 @@ from torch import nn
 
 from kdsweep.config import DataParams
 from kdsweep.data import DataError, Splits
+from kdsweep.models import Block
 
 IMAGE_SIZE = 32  # imagefolder images are resized to this square size
 VISION_ARCHS = ("resnet20", "resnet56", "resnet18", "vit")
@@ -216,42 +217,6 @@ class ResNet18(nn.Module):
         return self.head(self.body(x))
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention through the fused SDPA kernel (flash/efficient on CUDA)."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = (
-            self.qkv(x)
-            .reshape(b, t, 3, self.heads, d // self.heads)
-            .permute(2, 0, 3, 1, 4)
-            .unbind(0)
-        )
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, t, d))
-
-
-class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attn(LN(x)), then x + MLP(LN(x)) with a 4x GELU MLP."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
 class ViT(nn.Module):
     """A small Vision Transformer: 4x4 patches, a class token, learned position embeddings."""
 
@@ -279,7 +244,7 @@ class ViT(nn.Module):
         self.pos = nn.Parameter(torch.zeros(1, 1 + (h // patch) * (w // patch), dim))
         nn.init.trunc_normal_(self.cls, std=0.02)
         nn.init.trunc_normal_(self.pos, std=0.02)
-        self.blocks = nn.Sequential(*(TransformerBlock(dim, heads) for _ in range(depth)))
+        self.blocks = nn.Sequential(*(Block(dim, heads, causal=False) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
