@@ -26,9 +26,8 @@ def shrink(raw: dict) -> dict:
     return raw
 
 
-def test_cifar100_params_file_runs_on_generated_cifar_data_with_views(
-    tmp_path, monkeypatch, no_md5
-):  # noqa: F811
+@pytest.mark.usefixtures("no_md5")
+def test_cifar100_params_file_runs_on_generated_cifar_data_with_views(tmp_path, monkeypatch):
     write_cifar100(tmp_path / "raw", n_train=120, n_test=20)
     monkeypatch.chdir(tmp_path)
     raw = shrink(yaml.safe_load((REPO / "params/cifar100.yaml").read_text()))
