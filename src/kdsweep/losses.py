@@ -139,11 +139,13 @@ def student_loss(
         student_logits, y = student_logits.flatten(0, -2), y.flatten()
         if targets is not None:
             targets = targets.flat_positions()
-    ce = F.cross_entropy(
-        student_logits, y, reduction="none", label_smoothing=epsilon if loss == "ls" else 0.0
-    )
+    def ce() -> torch.Tensor:
+        smoothing = epsilon if loss == "ls" else 0.0
+        return F.cross_entropy(student_logits, y, reduction="none", label_smoothing=smoothing)
+
     if loss in ("ce", "ls", "top1_teacher"):
-        return ce, torch.zeros_like(ce)
+        labels = ce()
+        return labels, torch.zeros_like(labels)
     assert targets is not None, f"loss {loss} needs cached teacher targets"
     t = targets.tensors
     if loss == "logit_mse":
@@ -154,4 +156,6 @@ def student_loss(
         distill = topk_kl(t["values"], t["indices"], t["logsumexp"], student_logits, tau, topk_mode)
     else:
         distill = sampled_ce(t["indices"], t["weights"], student_logits, tau)
-    return lam * distill + (1 - lam) * ce, distill.detach()
+    if isinstance(lam, float) and lam == 1.0:  # pure distillation: no label term to compute
+        return distill, distill.detach()
+    return lam * distill + (1 - lam) * ce(), distill.detach()
