@@ -1,7 +1,10 @@
+import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from kdsweep import models, pipeline
 from kdsweep.config import ParamsError, parse_params
@@ -145,3 +148,42 @@ def test_stacked_stage_matches_the_sequential_one(workspace, method):
         assert (a["subset_seed"], a["tau"]) == (b["subset_seed"], b["tau"])
         assert a["test_acc"] == pytest.approx(b["test_acc"], abs=0.01)
         assert a["agreement"] == pytest.approx(b["agreement"], abs=0.01)
+
+
+def _leaves(node: dict, prefix: tuple = ()) -> list[tuple]:
+    out = []
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            out += _leaves(value, (*prefix, key))
+        else:
+            out.append((*prefix, key))
+    return out
+
+
+DEFAULT = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+
+
+@pytest.mark.parametrize("path", _leaves(DEFAULT), ids=lambda p: ".".join(map(str, p)))
+def test_every_params_key_refuses_a_wrong_type_by_name(path):
+    """Each leaf of the default params.yaml, given a value of the wrong type, is named."""
+    raw = copy.deepcopy(DEFAULT)
+    node = raw
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = {"not": "a valid value"}
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    assert ".".join(map(str, path)) in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("section", [k for k, v in DEFAULT.items() if isinstance(v, dict)])
+def test_unknown_keys_are_refused_in_every_section(section):
+    """A misspelt key is named (in `methods`, a new name that is not a recipe is refused)."""
+    raw = copy.deepcopy(DEFAULT)
+    raw[section]["typo_key"] = 1
+    raw["typo_section"] = 1
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    assert f"{section}.typo_key:" in str(err.value) and "typo_section: unknown key" in str(
+        err.value
+    )

@@ -211,6 +211,9 @@ class Params(Strict):
         if isinstance(data, dict) and isinstance(data.get("methods"), dict):
             methods = {}
             for name, m in data["methods"].items():
+                if not isinstance(m, dict | None):
+                    methods[name] = m  # pydantic names the key and the expected mapping
+                    continue
                 m = dict(m or {})
                 if "loss" not in m:
                     if name not in LOSSES:

@@ -139,6 +139,7 @@ def student_loss(
         student_logits, y = student_logits.flatten(0, -2), y.flatten()
         if targets is not None:
             targets = targets.flat_positions()
+
     def ce() -> torch.Tensor:
         smoothing = epsilon if loss == "ls" else 0.0
         return F.cross_entropy(student_logits, y, reduction="none", label_smoothing=smoothing)

@@ -54,7 +54,8 @@ def fit(
 
     The data order depends only on `seed`, so a student is reproducible on its own. `inputs(idx)`
     replaces `x[idx]` when a batch is built from more than the rows (a replayed augmented view).
-    On CUDA the forward pass runs under bf16 autocast. Returns the training wall time in seconds.
+    On CUDA the forward pass runs under bf16 autocast, and image models use channels_last
+    (the layout cuDNN's convolutions are fastest in). Returns the training wall time in seconds.
     """
     # students on tiny subsets drive their loss towards zero; denormal floats then make CPU
     # arithmetic several times slower (measured ~1.4x on a 600-step α=0.02 student)
@@ -64,6 +65,10 @@ def fit(
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    cuda = x.device.type == "cuda"
+    layout = torch.channels_last if cuda and x.dim() == 4 else torch.contiguous_format
+    if layout is torch.channels_last:
+        model.to(memory_format=layout)
     model.train()
     t0 = time.perf_counter()
     perm, pos = torch.randperm(n, generator=gen), 0
@@ -72,8 +77,9 @@ def fit(
             perm, pos = torch.randperm(n, generator=gen), 0
         idx = perm[pos : pos + bs].to(x.device)
         pos += bs
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=x.device.type == "cuda"):
-            z = model(inputs(idx) if inputs else x[idx])
+        batch = (inputs(idx) if inputs else x[idx]).contiguous(memory_format=layout)
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=cuda):
+            z = model(batch)
         loss = loss_fn(z.float(), idx).mean()
         if not torch.isfinite(loss):
             raise NonFiniteLoss(
