@@ -165,3 +165,9 @@ def test_choose_path() -> None:
     assert choose_path(cuda, small, 8, "off") == "sequential"
     with pytest.raises(ValueError):
         choose_path(cpu, small, 8, "yes")
+
+
+def test_attention_students_stay_sequential_on_cpu():
+    gpt = build_model("gpt", (8,), 260, 8)
+    assert choose_path(torch.device("cpu"), gpt, 4, "auto") == "sequential"
+    assert choose_path(torch.device("cuda"), gpt, 4, "auto") == "stacked"

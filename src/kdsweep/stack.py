@@ -208,6 +208,10 @@ def choose_path(device: torch.device, model: nn.Module, k: int, forced: str) -> 
         return "sequential"
     if device.type == "cuda":
         return "stacked"
+    from kdsweep.models import SelfAttention
+
+    if any(isinstance(m, SelfAttention) for m in model.modules()):
+        return "sequential"  # the CPU attention kernel has no vmap rule: it would loop anyway
     size = sum(p.numel() for p in model.parameters())
     return "stacked" if size < CPU_STACK_MAX_PARAMS else "sequential"
 
