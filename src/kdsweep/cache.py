@@ -362,9 +362,6 @@ class CacheSplit:
     kind: str
     tensors: dict[str, torch.Tensor]
 
-    def __len__(self) -> int:
-        return len(next(iter(self.tensors.values())))
-
     def rows(self, idx: torch.Tensor) -> CacheSplit:
         return CacheSplit(self.kind, {k: v[idx] for k, v in self.tensors.items()})
 

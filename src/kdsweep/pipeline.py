@@ -39,7 +39,6 @@ DATA = Path("data")
 PREPARED = DATA / "prepared"
 TEACHERS = DATA / "teachers"
 LOGITS = DATA / "logits"
-STUDENTS = DATA / "students"
 TEACHER_IDS = ("main", "random_head")
 
 
