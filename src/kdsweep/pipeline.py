@@ -11,6 +11,7 @@ Paths (all under data/, owned by DVC):
 from __future__ import annotations
 
 import itertools
+import json
 import subprocess
 import uuid
 from dataclasses import dataclass
@@ -163,14 +164,13 @@ def build_cache(p: Params, name: str, rank: int = 0, world: int = 1) -> None:
 
 
 def write_cache_summary(p: Params, name: str) -> None:
+    """`data/logits/<store>.json`: the size figures and teacher accuracy the report's table shows."""
     info = LogitCache(store_path(name)).info()
     a = info["attributes"]
-    teacher_acc = TEACHERS / "metrics.json"
+    teachers = TEACHERS / "metrics.json"  # absent when the teacher ran under torchrun elsewhere
     acc = None
-    if teacher_acc.exists():
-        import json
-
-        acc = json.loads(teacher_acc.read_text())[p.cache.stores[name].teacher]["test_acc"]
+    if teachers.exists():
+        acc = json.loads(teachers.read_text())[p.cache.stores[name].teacher]["test_acc"]
     atomic_write_json(
         LOGITS / f"{name}.json",
         {
