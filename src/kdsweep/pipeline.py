@@ -167,7 +167,7 @@ def write_cache_summary(p: Params, name: str) -> None:
     """`data/logits/<store>.json`: the size figures and teacher accuracy the report's table shows."""
     info = LogitCache(store_path(name)).info()
     a = info["attributes"]
-    teachers = TEACHERS / "metrics.json"  # absent when the teacher ran under torchrun elsewhere
+    teachers = TEACHERS / "metrics.json"  # absent when a store is built outside the pipeline
     acc = None
     if teachers.exists():
         acc = json.loads(teachers.read_text())[p.cache.stores[name].teacher]["test_acc"]
