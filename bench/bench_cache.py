@@ -56,7 +56,7 @@ def timed(fn, repeat: int) -> float:
 def main(params: Path = Path("params.yaml"), steps: int = 50, quick: bool = False) -> None:
     p = load_params(params)
     prep = load_prepared(pipeline.PREPARED)
-    teacher, _ = pipeline.load_teacher(p, "main")
+    teacher, _ = pipeline.load_teacher(p, "main", prep)
     x = prep.splits.x_train
     with torch.no_grad():
         logits = torch.cat([teacher(x[i : i + 4096]) for i in range(0, len(x), 4096)])

@@ -46,13 +46,19 @@ def main(n_train: int = 800, steps: int = 300, teacher_epochs: int = 4) -> None:
     for name in stores:
         pipeline.build_cache(p, name)
         info = LogitCache(pipeline.store_path(name)).info()
-        per_token[name] = info["bytes_on_disk"] / (sum(info["attributes"]["splits"].values()) * p.data.seq_len)
+        per_token[name] = info["bytes_on_disk"] / (
+            sum(info["attributes"]["splits"].values()) * p.data.seq_len
+        )
     ppl = {m: pipeline.train_students(p, 1.0, m)[0]["test_ppl"] for m in p.methods}
-    print(f"GPT teacher on pydoc: {n_train} training sequences of {p.data.seq_len} tokens, vocabulary {p.data.vocab_size}")
+    print(
+        f"GPT teacher on pydoc: {n_train} training sequences of {p.data.seq_len} tokens, vocabulary {p.data.vocab_size}"
+    )
     print(f"{'store':10} {'bytes/token':>11} {'vs full fp16':>12} {'student ppl / CE ppl':>21}")
     for name in stores:
-        print(f"{name:10} {per_token[name]:11.1f} {per_token[name] / per_token['full']:11.3f}x "
-              f"{ppl[f'kd_{name}'] / ppl['ce']:20.3f}x")
+        print(
+            f"{name:10} {per_token[name]:11.1f} {per_token[name] / per_token['full']:11.3f}x "
+            f"{ppl[f'kd_{name}'] / ppl['ce']:20.3f}x"
+        )
     print(f"(CE student perplexity {ppl['ce']:.1f}; ratios < 1 mean the KD student is better)")
 
 

@@ -11,6 +11,7 @@ import zarr
 
 from kdsweep import pipeline
 from kdsweep.config import parse_params
+from kdsweep.data import load_prepared
 from kdsweep.io import weights_fingerprint
 from tests.conftest import tiny_raw
 
@@ -58,5 +59,7 @@ def test_two_process_ddp_teacher_trains_and_its_checkpoint_loads(workspace):
     before = weights_fingerprint(Path("data/teachers/main.safetensors"))
     torchrun(str(STAGES / "teacher.py"))
     assert weights_fingerprint(Path("data/teachers/main.safetensors")) != before
-    model, fp = pipeline.load_teacher(parse_params(raw), "main")
+    model, fp = pipeline.load_teacher(
+        parse_params(raw), "main", load_prepared(Path("data/prepared"))
+    )
     assert len(fp) == 64 and model.head.out_features == 10

@@ -8,7 +8,7 @@ import yaml
 
 from kdsweep import models, pipeline
 from kdsweep.config import ParamsError, parse_params
-from kdsweep.data import DataError
+from kdsweep.data import DataError, load_prepared
 from tests.conftest import tiny_raw
 
 ALL_METHODS = list(tiny_raw()["methods"])
@@ -83,7 +83,7 @@ def test_pickled_checkpoint_is_refused_without_running_it(workspace, tiny_params
 
     (workspace / "data/teachers/main.safetensors").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(ValueError, match="not a valid safetensors checkpoint"):
-        pipeline.load_teacher(tiny_params, "main")
+        pipeline.load_teacher(tiny_params, "main", load_prepared(Path("data/prepared")))
     assert not marker.exists()
 
 
@@ -91,7 +91,7 @@ def test_checkpoint_with_wrong_shapes_is_refused(workspace):
     raw = tiny_raw()
     raw["teacher"]["width"] = 32
     with pytest.raises(ValueError, match="does not fit the configured model"):
-        pipeline.load_teacher(parse_params(raw), "main")
+        pipeline.load_teacher(parse_params(raw), "main", load_prepared(Path("data/prepared")))
 
 
 def test_nan_loss_stops_with_a_clear_error(workspace, tiny_params):

@@ -49,7 +49,7 @@ def test_cifar100_params_file_runs_on_generated_cifar_data_with_views(tmp_path, 
     assert train["logits"].shape == (120, 2, 100) and train["aug"].shape == (120, 2, 3)
     assert cache.read("test").tensors["logits"].shape == (20, 100)  # the test split has no views
     # the stored outputs are the teacher's outputs for exactly the stored views
-    teacher, _ = pipeline.load_teacher(p, "main")
+    teacher, _ = pipeline.load_teacher(p, "main", load_prepared(Path("data/prepared")))
     x = load_prepared(Path("data/prepared")).splits.x_train[:10]
     for v in range(2):
         with torch.no_grad():

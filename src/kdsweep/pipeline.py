@@ -119,10 +119,9 @@ def _rank_device(name: str, rank: int) -> torch.device:
     )
 
 
-def load_teacher(p: Params, teacher_id: str) -> tuple[torch.nn.Module, str]:
+def load_teacher(p: Params, teacher_id: str, prep: Prepared) -> tuple[torch.nn.Module, str]:
     """The teacher network and its weights fingerprint. Only the `cache` stage calls this."""
-    prep_meta = load_prepared(PREPARED)
-    model = _teacher_model(p, prep_meta)
+    model = _teacher_model(p, prep)
     load_checkpoint(model, teacher_path(teacher_id))
     return model.eval(), weights_fingerprint(teacher_path(teacher_id))
 
@@ -131,7 +130,7 @@ def build_cache(p: Params, name: str, rank: int = 0, world: int = 1) -> None:
     """Run one teacher over the train and test splits into the store `name` (the only teacher forward)."""
     store = p.cache.stores[name]
     prep = load_prepared(PREPARED)
-    model, teacher_fp = load_teacher(p, store.teacher)
+    model, teacher_fp = load_teacher(p, store.teacher, prep)
     spec = StoreSpec(
         store.kind, store.dtype, store.k, p.cache.chunk_rows, p.cache.codec, store.sample_seed
     )
