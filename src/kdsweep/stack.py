@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from kdsweep.cache import CacheSplit
 from kdsweep.losses import student_loss
-from kdsweep.train import NonFiniteLoss
+from kdsweep.train import AdamW, NonFiniteLoss
 
 # (logits [bs, C], this student's target rows {name: [bs, ...]}, its hyper-parameters {name: 0-d})
 #   -> (per-sample loss [bs], per-sample distillation term [bs]), like `losses.student_loss`.
@@ -114,8 +114,7 @@ def fit_stacked(
     forward_k, loss_k = vmap(forward), vmap(loss_fn)
     bs = min(batch_size, n)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    opt = AdamW(params.values(), lr, weight_decay, steps)
     rows = torch.arange(k, device=device)[:, None]
     neg = torch.zeros(k, device=device)
     terms = 0
@@ -143,10 +142,9 @@ def fit_stacked(
                 f"{step}; lower the learning rate or check the cached targets "
                 "(`kdsweep cache verify`)"
             )
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss.sum().backward()
         opt.step()
-        sched.step()
         neg += (distill.detach() < 0).flatten(1).sum(1)
         terms += distill[0].numel()
     seconds = time.perf_counter() - t0
