@@ -49,7 +49,7 @@ def main(n_train: int = 800, steps: int = 300, teacher_epochs: int = 4) -> None:
         per_token[name] = info["bytes_on_disk"] / (
             sum(info["attributes"]["splits"].values()) * p.data.seq_len
         )
-    ppl = {m: pipeline.train_students(p, 1.0, m)[0]["test_ppl"] for m in p.methods}
+    ppl = {r["method"]: r["test_ppl"] for r in pipeline.train_students(p, 1.0, list(p.methods))}
     print(
         f"GPT teacher on pydoc: {n_train} training sequences of {p.data.seq_len} tokens, vocabulary {p.data.vocab_size}"
     )

@@ -1,6 +1,8 @@
-"""DVC stage `student@<alpha>-<method>`: train every seed of one (α, method) from the cache."""
+"""DVC stages `student@<alpha>` and `ablation@<alpha>`: one process trains every student of one α
+for the methods of its group (`sweep.methods` or `sweep.ablation_methods`), from the cache."""
 
 from pathlib import Path
+from typing import Literal
 
 import typer
 
@@ -9,9 +11,11 @@ from kdsweep.config import load_params
 from kdsweep.errors import explained_errors
 
 
-def main(alpha: float, method: str, out_dir: Path) -> None:
+def main(alpha: float, group: Literal["main", "ablation"], out_dir: Path) -> None:
     with explained_errors():
-        pipeline.run_student_stage(load_params(), alpha, method, out_dir)
+        p = load_params()
+        methods = p.sweep.methods if group == "main" else p.sweep.ablation_methods
+        pipeline.run_student_stage(p, alpha, methods, out_dir)
 
 
 if __name__ == "__main__":

@@ -85,8 +85,8 @@ def test_killed_student_stage_leaves_no_partial_results(workspace):
     raw = tiny_raw()
     raw["student"]["budget"]["value"] = 400
     Path("params.yaml").write_text(yaml.safe_dump(raw))
-    out = Path("data/students/1.0-kd")
-    kill_after(3.0, str(STAGES / "student.py"), "1.0", "kd", str(out))
+    out = Path("data/students/student-1.0")
+    kill_after(3.0, str(STAGES / "student.py"), "1.0", "main", str(out))
     assert not (out / "runs.json").exists()
-    finish(str(STAGES / "student.py"), "1.0", "kd", str(out))
+    finish(str(STAGES / "student.py"), "1.0", "main", str(out))
     assert (out / "runs.json").exists()

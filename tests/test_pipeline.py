@@ -33,22 +33,22 @@ def test_students_of_every_method_train_from_the_cache_without_the_teacher(
         return real_forward(self, x)
 
     monkeypatch.setattr(models.CNN1D, "forward", guarded_forward)
-    for method in ALL_METHODS:
-        out = pipeline.run_student_stage(
-            tiny_params, 0.05, method, workspace / "data/students" / method
-        )
-        rows = json.loads(out.read_text())
+    out = pipeline.run_student_stage(tiny_params, 0.05, ALL_METHODS, workspace / "data/students/s")
+    rows = json.loads(out.read_text())
+    for method in ALL_METHODS:  # one stage process, one row per student of every method
+        mine = [r for r in rows if r["method"] == method]
         n_tau = len(tiny_params.methods[method].taus)
-        assert len(rows) == 2 * n_tau, method  # two subset seeds × τ variants
-        for r in rows:
-            assert 0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["agreement"] <= 1.0
-            assert r["n_train"] == 30 and r["method"] == method
-            assert r["test_kl"] >= 0 and r["ece"] >= 0
+        assert len(mine) == 2 * n_tau, method  # two subset seeds × τ variants
+        assert {r["subset_seed"] for r in mine} == {0, 1}
+    assert len({r["run_id"] for r in rows}) == len(rows)
+    for r in rows:
+        assert 0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["agreement"] <= 1.0
+        assert r["n_train"] == 30 and r["test_kl"] >= 0 and r["ece"] >= 0
 
 
 def test_seeds_are_deterministic_on_cpu(workspace, tiny_params):
-    a = pipeline.train_students(tiny_params, 0.05, "kd")
-    b = pipeline.train_students(tiny_params, 0.05, "kd")
+    a = pipeline.train_students(tiny_params, 0.05, ["kd"])
+    b = pipeline.train_students(tiny_params, 0.05, ["kd"])
     strip = lambda rows: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rows]  # noqa: E731
     assert strip(a) == strip(b)
     assert a[0]["test_acc"] != a[1]["test_acc"] or a[0]["subset_seed"] != a[1]["subset_seed"]
@@ -62,14 +62,14 @@ def test_student_refuses_a_cache_from_another_teacher(workspace, tiny_params):
         workspace / "data/teachers/main.safetensors",
     )
     with pytest.raises(ValueError, match="another teacher"):
-        pipeline.run_student_stage(tiny_params, 0.05, "kd", workspace / "out")
+        pipeline.run_student_stage(tiny_params, 0.05, ["kd"], workspace / "out")
 
 
 def test_subset_too_small_for_the_classes_is_refused(workspace):
     raw = tiny_raw()
     raw["alphas"] = [0.01, 1.0]  # 6 of 600 samples < 10 classes
     with pytest.raises(DataError, match="fewer than the 10 classes"):
-        pipeline.run_student_stage(parse_params(raw), 0.01, "ce", workspace / "out")
+        pipeline.run_student_stage(parse_params(raw), 0.01, ["ce"], workspace / "out")
 
 
 def test_pickled_checkpoint_is_refused_without_running_it(workspace, tiny_params, tmp_path):
@@ -132,22 +132,63 @@ def test_invalid_params_name_the_key_and_the_allowed_values(path, value, message
     assert message in str(err.value), str(err.value)
 
 
-@pytest.mark.parametrize("method", ["kd", "ls_matched", "kd_top3", "ce"])
-def test_stacked_stage_matches_the_sequential_one(workspace, method):
-    """student.stacked: on trains all students of the stage at once; the rows match `off`."""
+def test_stacked_stage_matches_the_sequential_one(workspace):
+    """student.stacked: on trains the students of every method at once, in one stack per loss
+    and target shape; the rows match `off` (one student after another)."""
     rows = {}
     for mode in ("on", "off"):
         raw = tiny_raw()
         raw["student"].update(arch="mlp", width=16, stacked=mode)
-        rows[mode] = pipeline.train_students(parse_params(raw), 0.05, method)
+        rows[mode] = pipeline.train_students(parse_params(raw), 0.05, ALL_METHODS)
     assert [r["train_path"] for r in rows["on"]] == ["stacked"] * len(rows["on"])
     assert [r["train_path"] for r in rows["off"]] == ["sequential"] * len(rows["off"])
-    n_tau = len(parse_params(tiny_raw()).methods[method].taus)
-    assert len(rows["on"]) == len(rows["off"]) == 2 * n_tau  # two subset seeds × τ variants
+    assert (
+        len(rows["on"]) == len(rows["off"]) == 24
+    )  # (11 methods + kd's second τ) × 2 subset seeds
     for a, b in zip(rows["on"], rows["off"], strict=True):
-        assert (a["subset_seed"], a["tau"]) == (b["subset_seed"], b["tau"])
-        assert a["test_acc"] == pytest.approx(b["test_acc"], abs=0.01)
-        assert a["agreement"] == pytest.approx(b["agreement"], abs=0.01)
+        assert (a["method"], a["subset_seed"], a["tau"]) == (
+            b["method"],
+            b["subset_seed"],
+            b["tau"],
+        )
+        assert a["test_acc"] == pytest.approx(b["test_acc"], abs=0.01), a["method"]
+        assert a["agreement"] == pytest.approx(b["agreement"], abs=0.01), a["method"]
+
+
+def test_students_share_a_stack_when_only_lambda_tau_seed_and_data_differ(workspace, tiny_params):
+    p = tiny_params
+    prep = load_prepared(Path("data/prepared"))
+    train = {s: pipeline.open_store(p, s, prep).read("train") for s in p.cache.stores}
+    none = pipeline.CacheSplit("none", {})
+
+    def keys(method: str) -> set:
+        out = set()
+        for job in pipeline.student_jobs(p, 0.05, method):
+            t = train[p.store_of(method)] if job.m.uses_teacher else none
+            out.add(pipeline.stack_key(job, pipeline.subset_targets(job, prep, t)[2]))
+        return out
+
+    kd = keys("kd")
+    assert len(kd) == 1  # both τ and both subset seeds
+    for same in ("ls_matched", "shuffled_dk", "ls_teacher", "random_head"):
+        assert keys(same) == kd, same  # plain KD on transformed (or another teacher's) logits
+    distinct = [kd, keys("ce"), keys("ls"), keys("top1_teacher"), keys("logit_mse")]
+    distinct += [keys("kd_top3"), keys("kd_sampled4")]
+    assert len(set().union(*distinct)) == len(distinct)
+    raw = tiny_raw()
+    raw["cache"]["stores"]["top2"] = {"kind": "topk", "k": 2}
+    raw["methods"]["kd_top2"] = {"loss": "kd", "tau": 4, "cache": "top2"}
+    raw["methods"]["kd_top3_renorm"] = {
+        "loss": "kd",
+        "tau": 4,
+        "cache": "top3",
+        "topk_mode": "renorm",
+    }
+    p = parse_params(raw)
+    pipeline.build_cache(p, "top2")
+    train["top2"] = pipeline.open_store(p, "top2", prep).read("train")
+    assert keys("kd_top2").isdisjoint(keys("kd_top3"))  # other k: other target shapes
+    assert keys("kd_top3_renorm").isdisjoint(keys("kd_top3"))  # another loss
 
 
 def _leaves(node: dict, prefix: tuple = ()) -> list[tuple]:

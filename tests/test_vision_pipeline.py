@@ -66,7 +66,7 @@ def test_cifar100_params_file_runs_on_generated_cifar_data_with_views(tmp_path, 
     views = batches.inputs(idx)
     assert torch.equal(views, apply_aug(x, train["aug"][idx, batches.view]))
     assert torch.equal(batches.targets(idx).tensors["logits"], train["logits"][idx, batches.view])
-    rows = pipeline.train_students(p, 1.0, "kd")
+    rows = pipeline.train_students(p, 1.0, ["kd"])
     assert len(rows) == 1 and rows[0]["dataset"] == "cifar100" and 0 <= rows[0]["agreement"] <= 1
 
 
@@ -83,9 +83,8 @@ def test_digits_pipeline_end_to_end(tmp_path, monkeypatch):
     assert teacher["main"]["test_acc"] > 0.5  # an MLP learns 8x8 digits in a few epochs
     for name in p.cache.stores:
         pipeline.build_cache(p, name)
-    for method in ("ce", "kd", "ls_matched", "kd_top3"):
-        out = pipeline.run_student_stage(p, 0.1, method, Path("data/students") / f"0.1-{method}")
-        assert out.exists()
+    methods = ["ce", "kd", "ls_matched", "kd_top3"]
+    assert pipeline.run_student_stage(p, 0.1, methods, Path("data/students/student-0.1")).exists()
     from kdsweep.analysis import collect_runs
     from kdsweep.report import write_report
 

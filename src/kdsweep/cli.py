@@ -92,15 +92,16 @@ def results(
 @app.command()
 def student(
     alpha: float,
-    method: str,
+    methods: list[str],
     out_dir: Path = Path("data/students/manual"),
     params: Path = Path("params.yaml"),
 ) -> None:
-    """Train the students of one (alpha, method) by hand, from the cache, exactly as the stage does."""
+    """Train the students of one alpha for METHODS by hand, from the cache, exactly as the stage
+    does (all of them in one process)."""
     from kdsweep import pipeline
     from kdsweep.config import load_params
 
-    out = pipeline.run_student_stage(load_params(params), alpha, method, out_dir)
+    out = pipeline.run_student_stage(load_params(params), alpha, methods, out_dir)
     console.print(f"wrote {out}")
 
 

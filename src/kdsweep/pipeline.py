@@ -5,7 +5,7 @@ Paths (all under data/, owned by DVC):
   teachers/<id>.safetensors         teacher weights; `random_head` is the control  (teacher)
   teachers/metrics.json             teacher test accuracy and fingerprints
   logits/<store>.zarr, <store>.json cache store and its size summary              (cache@<store>)
-  students/<alpha>-<method>/runs.json  one row per student                        (student@…)
+  students/<group>-<alpha>/runs.json  one row per student             (student@<α>, ablation@<α>)
 """
 
 from __future__ import annotations
@@ -212,50 +212,91 @@ def student_jobs(p: Params, alpha: float, method: str) -> list[StudentJob]:
     ]
 
 
-def open_caches(p: Params, method: str, prep: Prepared) -> tuple[LogitCache, LogitCache]:
-    """The method's cache and the reference cache, both checked against teacher and dataset."""
-
-    def open_store(name: str) -> LogitCache:
-        tid = p.cache.stores[name].teacher
-        return LogitCache(
-            store_path(name), weights_fingerprint(teacher_path(tid)), prep.fingerprint
-        )
-
-    return open_store(p.store_of(method)), open_store(p.cache.reference)
+def open_store(p: Params, name: str, prep: Prepared) -> LogitCache:
+    """A cache store, checked against its teacher's weights and the prepared dataset."""
+    tid = p.cache.stores[name].teacher
+    return LogitCache(store_path(name), weights_fingerprint(teacher_path(tid)), prep.fingerprint)
 
 
-def train_students(p: Params, alpha: float, method: str) -> list[dict[str, Any]]:
-    """Train every student of one (α, method): all subset seeds × train seeds × τ variants.
+def stack_key(job: StudentJob, t: CacheSplit) -> tuple:
+    """Students with equal keys compute the same loss function on targets of the same shapes and
+    differ only in λ, τ, seed and data, so they can share one stack. The KD-family controls are
+    plain KD on transformed targets (`subset_targets`), and `top1_teacher` is CE on other labels."""
+    loss = job.m.loss
+    family = "kd" if loss in KD_LOSSES else "ce" if loss == "top1_teacher" else loss
+    shapes = tuple((n, tuple(v.shape[1:]), v.dtype) for n, v in sorted(t.tensors.items()))
+    return (
+        family,
+        t.kind if t.tensors else None,
+        job.m.epsilon if loss == "ls" else None,
+        job.m.topk_mode if t.kind == "topk" else None,
+        shapes,
+    )
 
-    On one device, either together (stacked under vmap, in memory-sized groups) or one after
-    another, whichever `stack.choose_path` says is faster for this student and device;
-    `student.stacked: on|off` forces either.
+
+def train_students(p: Params, alpha: float, methods: list[str]) -> list[dict[str, Any]]:
+    """Train every student of one α for `methods` in one process: each method's subset seeds ×
+    train seeds × τ variants, one runs.parquet row each.
+
+    Students that share a `stack_key` train either together (stacked under vmap, in memory-sized
+    groups) or one after another, whichever `stack.choose_path` says is faster for this student
+    and device; `student.stacked: on|off` forces either. Each store is read once.
     """
+    unknown = [m for m in methods if m not in p.methods]
+    if unknown or not methods:
+        raise ParamsError(
+            f"methods {unknown or methods} are not in params.yaml methods ({', '.join(p.methods)})"
+        )
+    if alpha not in all_alphas(p):
+        raise ParamsError(
+            f"alpha {alpha} is in neither alphas nor sweep.ablation_alphas {all_alphas(p)}"
+        )
     prep = load_prepared(PREPARED)
-    m = p.methods[method]
-    cache, ref = open_caches(p, method, prep)
-    train_targets = cache.read("train") if m.uses_teacher else CacheSplit("none", {})
-    ref_test = ref.read("test")
-    device = pick_device(p.student.device)
-    jobs = student_jobs(p, alpha, method)
-    parts = [subset_targets(job, prep, train_targets) for job in jobs]
-    num_classes = prep.splits.num_classes
-    probe = _student_model(p, num_classes, parts[0][0], seed=0)
-    views = "aug" in train_targets.tensors
-    path = "sequential" if views else choose_path(device, probe, len(jobs), p.student.stacked)
-    if path == "stacked":
-        trained = _fit_groups(p, jobs, parts, probe, num_classes, device)
-    else:
-        trained = [
-            train_one(p, job, part, num_classes, device)
-            for job, part in zip(jobs, parts, strict=True)
-        ]
-    base = {"params_hash": params_hash(p.data, p.student, m, p.cache.stores[p.store_of(method)])}
-    base |= {"git_rev": git_rev(), "train_path": path}
-    return [
-        result_row(p, job, model, seconds, neg, prep, ref_test) | base
-        for job, (model, seconds, neg) in zip(jobs, trained, strict=True)
+    ref_test = open_store(p, p.cache.reference, prep).read("test")
+    needed = {p.store_of(m) for m in methods if p.methods[m].uses_teacher}
+    train = {name: open_store(p, name, prep).read("train") for name in sorted(needed)}
+    none = CacheSplit("none", {})
+    jobs = [job for method in methods for job in student_jobs(p, alpha, method)]
+    parts = [
+        subset_targets(job, prep, train[p.store_of(job.method)] if job.m.uses_teacher else none)
+        for job in jobs
     ]
+    device = pick_device(p.student.device)
+    num_classes = prep.splits.num_classes
+    stacks: dict[tuple, list[int]] = {}
+    for i, (job, part) in enumerate(zip(jobs, parts, strict=True)):
+        stacks.setdefault(stack_key(job, part[2]), []).append(i)
+    trained: dict[int, tuple[torch.nn.Module, float, float, str]] = {}
+    for key, members in stacks.items():
+        probe = _student_model(p, num_classes, parts[members[0]][0], seed=0)
+        views = "aug" in parts[members[0]][2].tensors
+        path = (
+            "sequential" if views else choose_path(device, probe, len(members), p.student.stacked)
+        )
+        if path == "stacked":
+            group = _fit_stack(
+                p,
+                key,
+                [jobs[i] for i in members],
+                [parts[i] for i in members],
+                probe,
+                num_classes,
+                device,
+            )
+        else:
+            group = [train_one(p, jobs[i], parts[i], num_classes, device) for i in members]
+        trained |= {i: (*res, path) for i, res in zip(members, group, strict=True)}
+    rev = git_rev()
+    rows = []
+    for i, job in enumerate(jobs):
+        model, seconds, neg, path = trained[i]
+        store = p.cache.stores[p.store_of(job.method)]
+        rows.append(
+            result_row(p, job, model, seconds, neg, prep, ref_test)
+            | {"params_hash": params_hash(p.data, p.student, job.m, store)}
+            | {"git_rev": rev, "train_path": path}
+        )
+    return rows
 
 
 def _student_model(p: Params, num_classes: int, x: torch.Tensor, seed: int) -> torch.nn.Module:
@@ -264,32 +305,35 @@ def _student_model(p: Params, num_classes: int, x: torch.Tensor, seed: int) -> t
     return build_model(p.student.arch, tuple(x.shape[1:]), num_classes, p.student.width)
 
 
-def _fit_groups(
+def _fit_stack(
     p: Params,
+    key: tuple,
     jobs: list[StudentJob],
     parts: list[tuple[torch.Tensor, torch.Tensor, CacheSplit]],
     probe: torch.nn.Module,
     num_classes: int,
     device: torch.device,
 ) -> list[tuple[torch.nn.Module, float, float]]:
-    """Stacked training in groups that fit memory (half the free GPU memory, 4 GiB on a CPU).
+    """Stacked training of students sharing `key`, in groups that fit memory (half the free GPU
+    memory, 4 GiB on a CPU).
 
     A student's footprint is estimated as parameters + gradients + AdamW state (16 bytes a
     parameter) plus its subset, targets and a generous allowance for activations.
     """
-    st, m = p.student, jobs[0].m
+    st = p.student
+    family, kind, epsilon, topk_mode, _ = key
     x0, y0, t0 = parts[0]
     data_bytes = x0.nbytes + y0.nbytes + sum(v.nbytes for v in t0.tensors.values())
     n_params = sum(q.numel() for q in probe.parameters())
     act = 4 * min(st.batch_size, len(y0)) * x0[0].numel() * 64
     budget = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 4 << 30
     steps = num_steps(st.budget.mode, st.budget.value, len(y0), st.batch_size)
-    loss_fn = stacked_student_loss(m.loss, t0.kind if t0.tensors else None, m.epsilon, m.topk_mode)
+    loss_fn = stacked_student_loss(family, kind, epsilon or 0.0, topk_mode or "tail")
     out: list[tuple[torch.nn.Module, float, float]] = []
     for group in memory_groups(len(jobs), 16 * n_params + data_bytes + act, budget):
         xs, targets = stack_subsets([parts[i] for i in group])
         hyper = {
-            "lam": torch.tensor([m.lam] * len(group), dtype=torch.float64),
+            "lam": torch.tensor([jobs[i].m.lam for i in group], dtype=torch.float64),
             "tau": torch.tensor([jobs[i].tau for i in group], dtype=torch.float64),
         }
         res = fit_stacked(
@@ -303,7 +347,7 @@ def _fit_groups(
             st.batch_size,
             st.lr,
             st.weight_decay,
-            desc=f"{jobs[0].method} α={jobs[0].alpha:g} ×{len(group)}",
+            desc=f"{family} α={jobs[0].alpha:g} ×{len(group)}",
         )
         share = res.seconds / len(group)
         out += [(mod.cpu(), share, neg) for mod, neg in zip(res.models, res.neg_frac, strict=True)]
@@ -322,13 +366,14 @@ def subset_targets(
         if t.kind != "full":
             raise ParamsError(f"method {job.method} ({loss}) needs a full cache, got {t.kind}")
     if loss in KD_LOSSES and loss != "kd":
-        seed = 1000 * job.subset_seed + job.train_seed
         logits = t.tensors["logits"]
         flat = logits.flatten(0, -2)  # one row per position or view
         per_row = (
             y.flatten() if y.numel() == len(flat) else y.repeat_interleave(len(flat) // len(y))
         )
-        controlled = control_targets(loss, flat, per_row, job.m.epsilon, seed).reshape(logits.shape)
+        controlled = control_targets(loss, flat, per_row, job.m.epsilon, job.seed).reshape(
+            logits.shape
+        )
         t = CacheSplit("full", {**t.tensors, "logits": controlled})
     if loss == "top1_teacher":
         y = t.tensors["logits"].argmax(-1)
@@ -467,16 +512,8 @@ def result_row(
     }
 
 
-def run_student_stage(p: Params, alpha: float, method: str, out_dir: Path) -> Path:
-    """Train all students of one (α, method) and write `out_dir/runs.json` atomically."""
-    if method not in p.methods:
-        raise ParamsError(
-            f"method {method!r} is not in params.yaml methods ({', '.join(p.methods)})"
-        )
-    if alpha not in all_alphas(p):
-        raise ParamsError(
-            f"alpha {alpha} is in neither alphas nor sweep.ablation_alphas {all_alphas(p)}"
-        )
+def run_student_stage(p: Params, alpha: float, methods: list[str], out_dir: Path) -> Path:
+    """Train all students of one α for `methods` and write `out_dir/runs.json` atomically."""
     out = Path(out_dir) / "runs.json"
-    atomic_write_json(out, train_students(p, alpha, method))
+    atomic_write_json(out, train_students(p, alpha, methods))
     return out
