@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +61,17 @@ def git_rev() -> str:
         return "unknown"
 
 
+def report_work(what: str, seconds: float) -> None:
+    """Print one `kdsweep work:` line for a stage's real work (generating data, training, running
+    the teacher into a cache), so that bench/bench_pipeline.py can tell it from the overhead."""
+    print(f"kdsweep work: {what} {seconds:.3f} s", flush=True)
+
+
 def prepare(p: Params) -> None:
-    write_prepared(PREPARED, build_splits(p.data), p.subset_seeds)
+    t0 = time.perf_counter()
+    splits = build_splits(p.data)
+    report_work("generate", time.perf_counter() - t0)
+    write_prepared(PREPARED, splits, p.subset_seeds)
 
 
 def _teacher_model(p: Params, prep: Prepared) -> torch.nn.Module:
@@ -99,6 +109,7 @@ def train_teacher(p: Params, rank: int = 0, world: int = 1) -> dict[str, Any]:
     model = model.cpu()
     if rank != 0:
         return {}
+    report_work("train", seconds)
     metrics: dict[str, Any] = {"train_seconds": seconds, "steps": steps}
     for tid in TEACHER_IDS:
         if tid == "random_head":
@@ -135,6 +146,7 @@ def build_cache(p: Params, name: str, rank: int = 0, world: int = 1) -> None:
         store.kind, store.dtype, store.k, p.cache.chunk_rows, p.cache.codec, store.sample_seed
     )
     inputs = {"train": prep.splits.x_train, "test": prep.splits.x_test}
+    t0 = time.perf_counter()
     views, augment = {}, None
     if p.cache.views > 1:
         from kdsweep.vision import apply_aug, draw_aug
@@ -159,6 +171,7 @@ def build_cache(p: Params, name: str, rank: int = 0, world: int = 1) -> None:
         augment,
     )
     if rank == 0:
+        report_work("cache", time.perf_counter() - t0)
         write_cache_summary(p, name)
 
 
@@ -286,6 +299,7 @@ def train_students(p: Params, alpha: float, methods: list[str]) -> list[dict[str
         else:
             group = [train_one(p, jobs[i], parts[i], num_classes, device) for i in members]
         trained |= {i: (*res, path) for i, res in zip(members, group, strict=True)}
+    report_work("train", sum(seconds for _, seconds, _, _ in trained.values()))
     rev = git_rev()
     rows = []
     for i, job in enumerate(jobs):
