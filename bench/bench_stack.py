@@ -2,8 +2,10 @@
 
 For each student and each K, trains the same K students (same seeds, data and cached-KD loss)
 once with `stack.fit_stacked` and once one after another with `train.fit`, and prints the ratio
-of training samples/s, stacked/sequential (> 1: stacking pays). Absolute samples/s are printed
-beside the ratio for context only. The data are random tensors of MNIST-1D shape; the teacher
+of training samples/s, stacked/sequential (> 1: stacking pays), and the same ratio for the path
+`stack.choose_path` picks by itself ("auto": the stacked ratio where it stacks, 1.00x where it
+trains one after another, which is then the sequential code itself). Absolute samples/s are
+printed beside the ratios for context only. The data are random tensors of MNIST-1D shape; the teacher
 targets are random full logits, so no pipeline stage has to run first.
 
   python bench/bench_stack.py --quick
@@ -21,7 +23,7 @@ import typer
 from kdsweep.cache import CacheSplit
 from kdsweep.losses import student_loss
 from kdsweep.models import build_model
-from kdsweep.stack import fit_stacked, stacked_student_loss
+from kdsweep.stack import choose_path, fit_stacked, stacked_student_loss
 from kdsweep.train import fit
 
 SHAPE, CLASSES, LAM, TAU = (1, 40), 10, 1.0, 4.0
@@ -86,7 +88,7 @@ def _sync(device: torch.device) -> None:
 def main(
     device: str = "cpu",
     students: str = "cnn1d:32,mlp:32",
-    ks: str = typer.Option("", help="comma-separated K values; default 1,8,32 (CPU), +128 (CUDA)"),
+    ks: str = typer.Option("1,8,32,128", help="comma-separated K values"),
     steps: int = 100,
     batch_size: int = 128,
     n: int = 4000,
@@ -97,9 +99,7 @@ def main(
     dev = torch.device(device)
     if threads:
         torch.set_num_threads(threads)
-    k_values = [int(v) for v in ks.split(",")] if ks else [1, 8, 32]
-    if not ks and dev.type == "cuda":
-        k_values.append(128)
+    k_values = [int(v) for v in ks.split(",")]
     if quick:
         steps, repeat = 20, 1
     print(f"load average before: {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
@@ -108,11 +108,12 @@ def main(
         f"loss=kd(full, τ={TAU})  ratio = samples/s stacked / samples/s sequential (best of "
         f"{repeat})"
     )
-    head = ("student", "params", "K", "ratio", "seq samples/s", "stk samples/s")
-    print("{:<10} {:>7} {:>4} {:>7} {:>14} {:>14}".format(*head))
+    head = ("student", "params", "K", "stacked", "auto", "seq samples/s", "stk samples/s")
+    print("{:<10} {:>7} {:>4} {:>8} {:>7} {:>14} {:>14}".format(*head))
     for spec in students.split(","):
         arch, width = spec.split(":")[0], int(spec.split(":")[1])
-        size = sum(p.numel() for p in build_model(arch, SHAPE, CLASSES, width).parameters())
+        probe = build_model(arch, SHAPE, CLASSES, width)
+        size = sum(p.numel() for p in probe.parameters())
         warm_x, warm_t = make_data(2, n, dev)
         run_sequential(arch, width, warm_x, warm_t, 5, batch_size)
         run_stacked(arch, width, warm_x, warm_t, 5, batch_size)
@@ -123,9 +124,10 @@ def main(
                 seq = min(seq, run_sequential(arch, width, xs, t, steps, batch_size))
                 stk = min(stk, run_stacked(arch, width, xs, t, steps, batch_size))
             samples = k * steps * min(batch_size, n)
+            auto = seq / stk if choose_path(dev, probe, k, "auto") == "stacked" else 1.0
             print(
-                f"{spec:<10} {size:>7} {k:>4} {seq / stk:>6.2f}x {samples / seq:>14,.0f} "
-                f"{samples / stk:>14,.0f}",
+                f"{spec:<10} {size:>7} {k:>4} {seq / stk:>7.2f}x {auto:>6.2f}x "
+                f"{samples / seq:>14,.0f} {samples / stk:>14,.0f}",
                 flush=True,
             )
     print(f"load average after: {os.getloadavg()[0]:.1f} (other processes skew CPU numbers)")

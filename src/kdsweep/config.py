@@ -164,7 +164,8 @@ class MethodParams(Strict):
 
 
 class SweepParams(Strict):
-    """Which methods the `student` matrix runs at every alpha, and which only at `ablation_alphas`."""
+    """Which methods the `student@<α>` stages train at every alpha, and which the `ablation@<α>`
+    stages train at `ablation_alphas` only (each stage: all its methods in one process)."""
 
     methods: list[str]
     ablation_alphas: list[Annotated[float, Field(gt=0, le=1)]] = []
