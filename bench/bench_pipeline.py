@@ -67,7 +67,9 @@ def main(params: Path = Path("params.yaml")) -> None:
         print(f"{what:12} {work_s[what] / wall:13.1%}")
     overhead = 1 - sum(work_s.values()) / wall
     print(f"{'overhead':12} {overhead:13.1%}  (target <= 25%)")
-    print(f"{'not training':12} {1 - work_s['train'] / wall:13.1%}  (stricter: cache + generate too)")
+    print(
+        f"{'not training':12} {1 - work_s['train'] / wall:13.1%}  (stricter: cache + generate too)"
+    )
     print(f"wall time / 15-minute budget: {wall / 900:.2f}")
 
 

@@ -118,6 +118,8 @@ def test_nan_loss_stops_with_a_clear_error(workspace, tiny_params):
         (("cache", "stores", "top3", "k"), None, "needs k"),
         (("teacher", "epochs"), 0, "teacher.epochs"),
         (("sweep", "methods"), ["ce", "kdd"], "sweep.methods names ['kdd']"),
+        (("sweep", "methods"), [], "sweep.methods is empty"),
+        (("sweep", "ablation_methods"), [], "must both be set or both be empty"),
         (("data", "name"), "imagenet21k", "data.name"),
     ],
 )

@@ -249,6 +249,13 @@ class Params(Strict):
             unknown = [n for n in getattr(self.sweep, key) if n not in self.methods]
             if unknown:
                 raise ValueError(f"sweep.{key} names {unknown}, not defined under methods")
+        if not self.sweep.methods:
+            raise ValueError("sweep.methods is empty: name the methods to train at every alpha")
+        if bool(self.sweep.ablation_alphas) != bool(self.sweep.ablation_methods):
+            raise ValueError(
+                "sweep.ablation_alphas and sweep.ablation_methods must both be set or both be "
+                f"empty (got {self.sweep.ablation_alphas} and {self.sweep.ablation_methods})"
+            )
         a = self.analysis
         for key, name in (("baseline", a.baseline), ("reference", a.reference)):
             if name not in self.methods:

@@ -258,7 +258,9 @@ def train_students(p: Params, alpha: float, methods: list[str]) -> list[dict[str
     unknown = [m for m in methods if m not in p.methods]
     if unknown or not methods:
         raise ParamsError(
-            f"methods {unknown or methods} are not in params.yaml methods ({', '.join(p.methods)})"
+            f"methods {unknown} are not in params.yaml methods ({', '.join(p.methods)})"
+            if unknown
+            else f"no methods to train at alpha {alpha}"
         )
     if alpha not in all_alphas(p):
         raise ParamsError(
