@@ -54,17 +54,19 @@ def main(params: Path = Path("params.yaml")) -> None:
         raise SystemExit("dvc repro failed")
     wall = time.perf_counter() - t0
     ends = [t for t, _ in stamps[1:]] + [t0 + wall]
+    per_stage = {name: end - start for (start, name), end in zip(stamps, ends, strict=True)}
     per_group: dict[str, float] = defaultdict(float)
-    for (start, name), end in zip(stamps, ends, strict=True):
-        per_group[name.split("@")[0]] += end - start
+    for name, secs in per_stage.items():
+        per_group[name.split("@")[0]] += secs
     runs = pq.read_table(work / "data/results/runs.parquet").num_rows
     print(f"default dvc repro from scratch in {work}: {len(stamps)} stages, {runs} students")
-    print(f"{'stage group':12} {'share of wall':>14}")
-    for name, secs in per_group.items():
-        print(f"{name:12} {secs / wall:13.1%}")
-    print(f"\n{'wall time split':12} {'share of wall':>14}")
+    for title, shares in (("stage", per_stage), ("stage group", per_group)):
+        print(f"{title:16} {'share of wall':>14}")
+        for name, secs in shares.items():
+            print(f"{name:16} {secs / wall:13.1%}")
+    print(f"\n{'wall time split':16} {'share of wall':>14}")
     for what in ("train", "cache", "generate"):
-        print(f"{what:12} {work_s[what] / wall:13.1%}")
+        print(f"{what:16} {work_s[what] / wall:13.1%}")
     overhead = 1 - sum(work_s.values()) / wall
     print(f"{'overhead':12} {overhead:13.1%}  (target <= 25%)")
     print(
