@@ -68,9 +68,9 @@ def main(params: Path = Path("params.yaml")) -> None:
     for what in ("train", "cache", "generate"):
         print(f"{what:16} {work_s[what] / wall:13.1%}")
     overhead = 1 - sum(work_s.values()) / wall
-    print(f"{'overhead':12} {overhead:13.1%}  (target <= 25%)")
+    print(f"{'overhead':16} {overhead:13.1%}  (target <= 25%)")
     print(
-        f"{'not training':12} {1 - work_s['train'] / wall:13.1%}  (stricter: cache + generate too)"
+        f"{'not training':16} {1 - work_s['train'] / wall:13.1%}  (stricter: cache + generate too)"
     )
     print(f"wall time / 15-minute budget: {wall / 900:.2f}")
 
