@@ -15,6 +15,7 @@ import json
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -232,9 +233,10 @@ def open_store(p: Params, name: str, prep: Prepared) -> LogitCache:
 
 
 def stack_key(job: StudentJob, t: CacheSplit) -> tuple:
-    """Students with equal keys compute the same loss function on targets of the same shapes and
-    differ only in λ, τ, seed and data, so they can share one stack. The KD-family controls are
-    plain KD on transformed targets (`subset_targets`), and `top1_teacher` is CE on other labels."""
+    """Students with equal keys compute the same loss function on targets of the same per-row
+    shapes and differ only in λ, τ, seed and data, so they can share one stack (`t`: the teacher
+    rows the job reads, any number of them). The KD-family controls are plain KD on transformed
+    targets of the same shape (`subset_targets`), and `top1_teacher` is CE on other labels."""
     loss = job.m.loss
     family = "kd" if loss in KD_LOSSES else "ce" if loss == "top1_teacher" else loss
     shapes = tuple((n, tuple(v.shape[1:]), v.dtype) for n, v in sorted(t.tensors.items()))
@@ -271,35 +273,31 @@ def train_students(p: Params, alpha: float, methods: list[str]) -> list[dict[str
     needed = {p.store_of(m) for m in methods if p.methods[m].uses_teacher}
     train = {name: open_store(p, name, prep).read("train") for name in sorted(needed)}
     none = CacheSplit("none", {})
+
+    def teacher_rows(job: StudentJob) -> CacheSplit:
+        return train[p.store_of(job.method)] if job.m.uses_teacher else none
+
+    def part(job: StudentJob) -> tuple[torch.Tensor, torch.Tensor, CacheSplit]:
+        # built when its student trains: one α's many subsets never sit in memory all at once
+        return subset_targets(job, prep, teacher_rows(job))
+
     jobs = [job for method in methods for job in student_jobs(p, alpha, method)]
-    parts = [
-        subset_targets(job, prep, train[p.store_of(job.method)] if job.m.uses_teacher else none)
-        for job in jobs
-    ]
     device = pick_device(p.student.device)
     num_classes = prep.splits.num_classes
+    probe = _student_model(p, num_classes, prep.splits.x_train, seed=0)
     stacks: dict[tuple, list[int]] = {}
-    for i, (job, part) in enumerate(zip(jobs, parts, strict=True)):
-        stacks.setdefault(stack_key(job, part[2]), []).append(i)
+    for i, job in enumerate(jobs):
+        stacks.setdefault(stack_key(job, teacher_rows(job)), []).append(i)
     trained: dict[int, tuple[torch.nn.Module, float, float, str]] = {}
     for key, members in stacks.items():
-        probe = _student_model(p, num_classes, parts[members[0]][0], seed=0)
-        views = "aug" in parts[members[0]][2].tensors
+        views = "aug" in teacher_rows(jobs[members[0]]).tensors
         path = (
             "sequential" if views else choose_path(device, probe, len(members), p.student.stacked)
         )
         if path == "stacked":
-            group = _fit_stack(
-                p,
-                key,
-                [jobs[i] for i in members],
-                [parts[i] for i in members],
-                probe,
-                num_classes,
-                device,
-            )
+            group = _fit_stack(p, key, [jobs[i] for i in members], part, probe, num_classes, device)
         else:
-            group = [train_one(p, jobs[i], parts[i], num_classes, device) for i in members]
+            group = [train_one(p, jobs[i], part(jobs[i]), num_classes, device) for i in members]
         trained |= {i: (*res, path) for i, res in zip(members, group, strict=True)}
     report_work("train", sum(seconds for _, seconds, _, _ in trained.values()))
     rev = git_rev()
@@ -325,20 +323,20 @@ def _fit_stack(
     p: Params,
     key: tuple,
     jobs: list[StudentJob],
-    parts: list[tuple[torch.Tensor, torch.Tensor, CacheSplit]],
+    part: Callable[[StudentJob], tuple[torch.Tensor, torch.Tensor, CacheSplit]],
     probe: torch.nn.Module,
     num_classes: int,
     device: torch.device,
 ) -> list[tuple[torch.nn.Module, float, float]]:
     """Stacked training of students sharing `key`, in groups that fit memory (half the free GPU
-    memory, 4 GiB on a CPU).
+    memory, 4 GiB on a CPU); `part(job)` builds a student's inputs, labels and teacher rows.
 
     A student's footprint is estimated as parameters + gradients + AdamW state (16 bytes a
     parameter) plus its subset, targets and a generous allowance for activations.
     """
     st = p.student
     family, kind, epsilon, topk_mode, _ = key
-    x0, y0, t0 = parts[0]
+    x0, y0, t0 = part(jobs[0])
     data_bytes = x0.nbytes + y0.nbytes + sum(v.nbytes for v in t0.tensors.values())
     n_params = sum(q.numel() for q in probe.parameters())
     act = 4 * min(st.batch_size, len(y0)) * x0[0].numel() * 64
@@ -347,7 +345,7 @@ def _fit_stack(
     loss_fn = stacked_student_loss(family, kind, epsilon or 0.0, topk_mode or "tail")
     out: list[tuple[torch.nn.Module, float, float]] = []
     for group in memory_groups(len(jobs), 16 * n_params + data_bytes + act, budget):
-        xs, targets = stack_subsets([parts[i] for i in group])
+        xs, targets = stack_subsets([part(jobs[i]) for i in group])
         hyper = {
             "lam": torch.tensor([jobs[i].m.lam for i in group], dtype=torch.float64),
             "tau": torch.tensor([jobs[i].tau for i in group], dtype=torch.float64),
