@@ -39,3 +39,20 @@ def test_results_filters_by_method_and_alpha(tmp_path):
     assert res.exit_code == 0, res.output
     assert "0.7000" in res.output and "0.5000" not in res.output and "0.9000" not in res.output
     assert "1 runs" in res.output
+
+
+def test_student_trains_several_methods_in_one_process(workspace):
+    import json
+
+    import yaml
+
+    from tests.conftest import tiny_raw
+
+    (workspace / "params.yaml").write_text(yaml.safe_dump(tiny_raw()))
+    res = runner.invoke(app, ["student", "0.05", "ce", "kd", "--out-dir", "out"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((workspace / "out/runs.json").read_text())
+    assert sorted(r["method"] for r in rows) == ["ce"] * 2 + ["kd"] * 4  # kd: τ ∈ {1, 4}
+    res = runner.invoke(app, ["student", "0.05", "kdd", "--out-dir", "out2"])
+    assert res.exit_code == 1 and "kdd" in res.output and "not in params.yaml" in res.output
+    assert not (workspace / "out2").exists()

@@ -100,8 +100,10 @@ def student(
     does (all of them in one process)."""
     from kdsweep import pipeline
     from kdsweep.config import load_params
+    from kdsweep.errors import explained_errors
 
-    out = pipeline.run_student_stage(load_params(params), alpha, methods, out_dir)
+    with explained_errors():
+        out = pipeline.run_student_stage(load_params(params), alpha, methods, out_dir)
     console.print(f"wrote {out}")
 
 
