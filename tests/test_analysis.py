@@ -156,10 +156,10 @@ def table_of(rows: list[dict[str, Any]]) -> pa.Table:
 
 
 def write_students(root: Path, rows: list[dict[str, Any]]) -> Path:
-    """Lay rows out as the student stages do: one runs.json per (α, method)."""
+    """Lay rows out as the student stages do: one runs.json per α (`student-<α>/`)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault(f"{r['alpha']}-{r['method']}", []).append(r)
+        groups.setdefault(f"student-{r['alpha']}", []).append(r)
     for name, g in groups.items():
         (root / name).mkdir(parents=True)
         (root / name / "runs.json").write_text(json.dumps(g))
@@ -389,7 +389,7 @@ def test_collect_runs_and_parquet_round_trip(tmp_path: Path) -> None:
     rows = synthetic_rows(methods={"ce", "kd"})
     table = collect_runs(write_students(tmp_path / "students", rows))
     assert table.schema == RUN_SCHEMA and table.num_rows == len(rows)
-    assert table.column("alpha").to_pylist()[0] == 0.02  # "0.02-ce" sorts first
+    assert table.column("alpha").to_pylist()[0] == 0.02  # "student-0.02" sorts first
     out = tmp_path / "results" / "runs.parquet"
     write_parquet(table, out)
     assert read_runs(out).equals(table)
@@ -401,7 +401,7 @@ def test_collect_runs_names_the_file_and_the_missing_key(tmp_path: Path) -> None
     del rows[-1]["test_kl"]
     write_students(tmp_path, rows)
     with pytest.raises(
-        ValueError, match=r"1\.0-ce/runs\.json: row 2 is missing key\(s\) \['test_kl'\]"
+        ValueError, match=r"student-1\.0/runs\.json: row 2 is missing key\(s\) \['test_kl'\]"
     ):
         collect_runs(tmp_path)
 
