@@ -258,11 +258,9 @@ def train_students(p: Params, alpha: float, methods: list[str]) -> list[dict[str
     and device; `student.stacked: on|off` forces either. Each store is read once.
     """
     unknown = [m for m in methods if m not in p.methods]
-    if unknown or not methods:
+    if unknown:
         raise ParamsError(
             f"methods {unknown} are not in params.yaml methods ({', '.join(p.methods)})"
-            if unknown
-            else f"no methods to train at alpha {alpha}"
         )
     if alpha not in all_alphas(p):
         raise ParamsError(
