@@ -340,6 +340,8 @@ def _fit_stack(
     act = 4 * min(st.batch_size, len(y0)) * x0[0].numel() * 64
     budget = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 4 << 30
     steps = num_steps(st.budget.mode, st.budget.value, len(y0), st.batch_size)
+    sample = x0[:1].clone()  # the model factory needs only the input shape: free the subset
+    del x0, y0, t0
     loss_fn = stacked_student_loss(family, kind, epsilon or 0.0, topk_mode or "tail")
     out: list[tuple[torch.nn.Module, float, float]] = []
     for group in memory_groups(len(jobs), 16 * n_params + data_bytes + act, budget):
@@ -349,7 +351,7 @@ def _fit_stack(
             "tau": torch.tensor([jobs[i].tau for i in group], dtype=torch.float64),
         }
         res = fit_stacked(
-            lambda seed: _student_model(p, num_classes, x0, seed),
+            lambda seed: _student_model(p, num_classes, sample, seed),
             [jobs[i].seed for i in group],
             xs.to(device),
             {k: v.to(device) for k, v in targets.items()},
