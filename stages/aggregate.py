@@ -1,15 +1,27 @@
-"""DVC stage `aggregate`: every data/students/*/runs.json → data/results/runs.parquet + metrics.json."""
+"""DVC stage `aggregate`: every <students>/*/runs.json → runs.parquet + the DVC metrics file."""
 
 from pathlib import Path
 
-from kdsweep.analysis import collect_runs, summary_metrics, write_parquet
-from kdsweep.config import load_params
+import typer
+
+from kdsweep.analysis import summary_metrics
+from kdsweep.config import STUDENTS_OF_LABELS, load_params
 from kdsweep.errors import explained_errors
 from kdsweep.io import atomic_write_json
+from kdsweep.runs import collect_runs, write_parquet
+
+
+def main(
+    students: Path = typer.Option(..., help="directory of the student stages' outputs"),
+    out: Path = typer.Option(..., help="runs.parquet to write"),
+    metrics: Path = typer.Option(..., help="metrics JSON to write"),
+) -> None:
+    with explained_errors():
+        p = load_params()
+        table = collect_runs(students, [*p.cache.stores, STUDENTS_OF_LABELS])
+        write_parquet(table, out)
+        atomic_write_json(metrics, summary_metrics(table, p.analysis))
+
 
 if __name__ == "__main__":
-    with explained_errors():
-        params = load_params().model_dump(by_alias=True)
-        table = collect_runs(Path("data/students"))
-        write_parquet(table, Path("data/results/runs.parquet"))
-        atomic_write_json(Path("metrics.json"), summary_metrics(table, params))
+    typer.run(main)

@@ -1,9 +1,19 @@
-"""DVC stage `prepare`: build the splits and nested subset orders (kdsweep.data)."""
+"""DVC stage `prepare`: build the splits and nested subset orders (kdsweep.data.prepared)."""
 
-from kdsweep import pipeline
+from pathlib import Path
+
+import typer
+
 from kdsweep.config import load_params
+from kdsweep.data.prepare import prepare
 from kdsweep.errors import explained_errors
 
-if __name__ == "__main__":
+
+def main(out: Path = typer.Option(..., help="the prepared-data directory to write")) -> None:
     with explained_errors():
-        pipeline.prepare(load_params())
+        p = load_params()
+        prepare(p.data, p.subset_seeds, out)
+
+
+if __name__ == "__main__":
+    typer.run(main)

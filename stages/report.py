@@ -1,14 +1,23 @@
-"""DVC stage `report`: data/results/runs.parquet → reports/report.md, figures and plot data."""
+"""DVC stage `report`: runs.parquet + cache summaries → report.md, figures and plot data."""
 
 from pathlib import Path
+
+import typer
 
 from kdsweep.config import load_params
 from kdsweep.errors import explained_errors
 from kdsweep.report import write_report
 
-if __name__ == "__main__":
+
+def main(
+    runs: Path = typer.Option(..., help="runs.parquet"),
+    summaries: Path = typer.Option(..., help="directory of the cache stages' summaries"),
+    out: Path = typer.Option(..., help="report directory"),
+) -> None:
     with explained_errors():
-        params = load_params().model_dump(by_alias=True)
-        write_report(
-            Path("data/results/runs.parquet"), params, Path("reports"), Path("data/logits")
-        )
+        p = load_params()
+        write_report(runs, p.analysis, out, summaries, list(p.cache.stores))
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,21 +1,27 @@
-"""DVC stages `student@<alpha>` and `ablation@<alpha>`: one process trains every student of one α
-for the methods of its group (`sweep.methods` or `sweep.ablation_methods`), from the cache."""
+"""DVC stages `student@<store>` and `labels`: one process trains every student that reads one
+cache store (each method × α × seed × τ), or every student of labels only, from the cache."""
 
 from pathlib import Path
-from typing import Literal
 
 import typer
 
-from kdsweep import pipeline
 from kdsweep.config import load_params
+from kdsweep.data.prepared import load_prepared
 from kdsweep.errors import explained_errors
+from kdsweep.students.train import run_student_stage
 
 
-def main(alpha: float, group: Literal["main", "ablation"], out_dir: Path) -> None:
+def main(
+    prepared: Path = typer.Option(..., help="the prepare stage's directory"),
+    teachers: Path = typer.Option(..., help="the teacher stage's metrics.json (fingerprints)"),
+    reference: Path = typer.Option(..., help="the cache.reference store (test agreement, KL)"),
+    out: Path = typer.Option(..., help="directory for runs.json"),
+    store: str | None = typer.Option(None, help="the store the students read; none: labels only"),
+    logits: Path | None = typer.Option(None, help="that store's Zarr path"),
+) -> None:
     with explained_errors():
         p = load_params()
-        methods = p.sweep.methods if group == "main" else p.sweep.ablation_methods
-        pipeline.run_student_stage(p, alpha, methods, out_dir)
+        run_student_stage(p, load_prepared(prepared), store, teachers, out, logits, reference)
 
 
 if __name__ == "__main__":

@@ -8,22 +8,37 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdsweep.cache.build import build_cache
 from kdsweep.config import Params, parse_params
+from kdsweep.data.prepare import prepare
+from kdsweep.data.prepared import load_prepared
+from kdsweep.students.train import run_student_stage
+from kdsweep.teacher import train_teacher
 
 TINY: dict = {
     "data": {"name": "mnist1d", "n_train": 600, "n_test": 200, "seed": 0},
     "alphas": [0.05, 1.0],
     "subset_seeds": [0, 1],
-    "teacher": {"arch": "cnn1d", "width": 16, "epochs": 2, "batch_size": 64, "lr": 0.01},
+    "teacher": {
+        "arch": "cnn1d",
+        "width": 16,
+        "epochs": 2,
+        "batch_size": 64,
+        "lr": 0.01,
+        "seed": 0,
+    },
     "cache": {
         "codec": {"name": "blosc", "cname": "zstd", "clevel": 5, "shuffle": "shuffle"},
         "chunk_rows": 128,
         "batch_size": 50,
+        "views": 1,
+        "aug_seed": 0,
+        "reference": "full",
         "stores": {
             "full": {"teacher": "main", "kind": "full", "dtype": "float32"},
             "random_head": {"teacher": "random_head", "kind": "full"},
-            "top3": {"kind": "topk", "k": 3},
-            "sampled4": {"kind": "sampled", "k": 4},
+            "top3": {"teacher": "main", "kind": "topk", "k": 3},
+            "sampled4": {"teacher": "main", "kind": "sampled", "k": 4},
         },
     },
     "student": {
@@ -36,7 +51,7 @@ TINY: dict = {
         "ce": {},
         "ls": {"epsilon": 0.1},
         "kd": {"lambda": 1.0, "tau": [1, 4]},
-        "logit_mse": {},
+        "logit_mse": {"lambda": 1.0},
         "ls_matched": {"tau": 4},
         "shuffled_dk": {"tau": 4},
         "ls_teacher": {"tau": 4},
@@ -59,25 +74,43 @@ def tiny_params() -> Params:
     return parse_params(tiny_raw())
 
 
+def build_upstream(p: Params, root: Path) -> None:
+    """prepare + teacher + every cache store of `p` under `root/data`, laid out as dvc.yaml does."""
+    data = root / "data"
+    prepare(p.data, p.subset_seeds, data / "prepared")
+    prep = load_prepared(data / "prepared")
+    train_teacher(p, prep, data / "teachers")
+    for name, store in p.cache.stores.items():
+        build_cache(
+            p,
+            name,
+            prep,
+            data / "teachers" / f"{store.teacher}.safetensors",
+            data / "logits" / f"{name}.zarr",
+            data / "summaries" / f"{name}.json",
+        )
+
+
+def student_stage(p: Params, root: Path, store: str | None) -> Path:
+    """Run the student stage of `store` (None: `labels`) as dvc.yaml does; the runs.json path."""
+    data = root / "data"
+    return run_student_stage(
+        p,
+        load_prepared(data / "prepared"),
+        store,
+        data / "teachers" / "metrics.json",
+        data / "students" / (store or "labels"),
+        data / "logits" / f"{store}.zarr" if store else None,
+        data / "logits" / f"{p.cache.reference}.zarr",
+    )
+
+
 @pytest.fixture(scope="session")
 def built_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """prepare + teacher + every cache store of TINY, built once per session in a temp dir."""
-    import os
-
-    from kdsweep import pipeline
-
     root = tmp_path_factory.mktemp("ws")
-    old = os.getcwd()
-    os.chdir(root)
-    try:
-        torch.manual_seed(0)
-        p = parse_params(tiny_raw())
-        pipeline.prepare(p)
-        pipeline.train_teacher(p)
-        for name in p.cache.stores:
-            pipeline.build_cache(p, name)
-    finally:
-        os.chdir(old)
+    torch.manual_seed(0)
+    build_upstream(parse_params(tiny_raw()), root)
     return root
 
 

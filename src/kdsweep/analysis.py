@@ -1,72 +1,36 @@
-"""Students' results → one table → the numbers the report shows (DESIGN.md §5, §6).
+"""Students' results → the numbers the report and the metrics file show (DESIGN.md §5, §6).
 
 Pure numpy + pyarrow (no torch), so `aggregate` and `report` start fast and can run anywhere.
-All statistics are over seeds: every bootstrap is a percentile bootstrap of a mean, with a
-generator derived from (analysis.seed, the group's key), so one group's interval does not change
-when other groups are added. With the 2–5 seeds of a sweep these intervals are narrow-ish
-(a percentile bootstrap under-covers at small n); they rank effects, they are not exact tests.
+Statistics come from kdsweep.stats; the settings are params.yaml's `analysis:` section
+(kdsweep.config.AnalysisParams); which controls test a hypothesis comes from the LOSSES registry.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from kdsweep.config import AnalysisParams
 from kdsweep.errors import KdsweepError
-from kdsweep.io import atomic_path
-
-_S, _F, _I = pa.string(), pa.float64(), pa.int64()
-RUN_SCHEMA = pa.schema(
-    [
-        ("run_id", _S),
-        ("dataset", _S),
-        ("task", _S),
-        ("teacher_id", _S),
-        ("teacher_arch", _S),
-        ("student_arch", _S),
-        ("method", _S),
-        ("loss", _S),
-        ("lam", _F),
-        ("tau", _F),
-        ("epsilon", _F),
-        ("cache_name", _S),
-        ("cache_kind", _S),
-        ("k", _I),
-        ("topk_mode", _S),
-        ("alpha", _F),
-        ("n_train", _I),
-        ("subset_seed", _I),
-        ("train_seed", _I),
-        ("budget_mode", _S),
-        ("epochs", _F),
-        ("steps", _I),
-        ("test_acc", _F),
-        ("test_error", _F),
-        ("test_ppl", _F),
-        ("agreement", _F),
-        ("test_kl", _F),
-        ("ece", _F),
-        ("neg_kl_frac", _F),
-        ("train_seconds", _F),
-        ("train_path", _S),
-        ("params_hash", _S),
-        ("git_rev", _S),
-    ]
+from kdsweep.registry import LOSSES
+from kdsweep.stats import (
+    bootstrap_ci,
+    data_efficiency_multiplier,
+    group_rng,
+    median_multiplier,
+    relative_gain,
+    two_sample,
 )
-"""One row per trained student: the contract between the student stages and the analysis."""
 
-LS_CONTROLS = ("ls_matched", "shuffled_dk")
-"""The controls that separate the two explanations of KD (DESIGN.md §5): label smoothing predicts
-they match the reference, dark knowledge predicts they fall short (most at small α)."""
+HYPOTHESIS_ROLES = ("confidence", "dark_knowledge")
+"""Controls whose losses play these roles (LOSSES[...].hypothesis) separate the two explanations
+of KD (DESIGN.md §5): label smoothing predicts they match the reference, dark knowledge predicts
+they fall short (most at small α)."""
 
 FIDELITY = ("agreement", "test_kl", "ece", "neg_kl_frac")
 RECIPE = (
@@ -80,82 +44,6 @@ RECIPE = (
     "k",
     "topk_mode",
 )
-
-
-# ---------------------------------------------------------------------------------------------
-# Settings
-
-
-@dataclass(frozen=True)
-class AnalysisSettings:
-    """The `analysis:` section of params.yaml, with the defaults of kdsweep.config."""
-
-    baseline: str = "ce"
-    reference: str = "kd"
-    controls: tuple[str, ...] = ()
-    n_boot: int = 2000
-    ci: float = 0.95
-    seed: int = 0
-
-
-def analysis_settings(params: Mapping[str, Any]) -> AnalysisSettings:
-    """Read `params["analysis"]` (validation happens in kdsweep.config; defaults fill gaps)."""
-    a = dict(params.get("analysis") or {})
-    a["controls"] = tuple(a.get("controls", ()))
-    return AnalysisSettings(**a)
-
-
-# ---------------------------------------------------------------------------------------------
-# Collecting and storing runs
-
-
-def _load_rows(path: Path) -> list[dict[str, Any]]:
-    rows = json.loads(path.read_text())
-    if not isinstance(rows, list):
-        raise KdsweepError(f"{path}: expected a JSON list of run rows, got {type(rows).__name__}")
-    expected = set(RUN_SCHEMA.names)
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise KdsweepError(f"{path}: row {i} is a {type(row).__name__}, not an object")
-        missing, extra = sorted(expected - set(row)), sorted(set(row) - expected)
-        if missing or extra:
-            raise KdsweepError(
-                f"{path}: row {i} is missing key(s) {missing} and has unexpected key(s) {extra}; "
-                "the keys must be exactly those of kdsweep.analysis.RUN_SCHEMA"
-            )
-    return rows
-
-
-def collect_runs(students_dir: Path) -> pa.Table:
-    """Every `<students_dir>/*/runs.json`, in sorted order, as one table of RUN_SCHEMA."""
-    files = sorted(Path(students_dir).glob("*/runs.json"))
-    tables = []
-    for f in files:
-        try:
-            tables.append(pa.Table.from_pylist(_load_rows(f), schema=RUN_SCHEMA))
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-            raise KdsweepError(f"{f}: a value has the wrong type for RUN_SCHEMA ({err})") from None
-    table = pa.concat_tables(tables) if tables else RUN_SCHEMA.empty_table()
-    if table.num_rows == 0:
-        raise KdsweepError(
-            f"no student runs under {students_dir} ({len(files)} runs.json file(s)): "
-            "run the student stages first (`dvc repro`)"
-        )
-    return table
-
-
-def write_parquet(table: pa.Table, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-
-
-def read_runs(path: Path) -> pa.Table:
-    """The runs table at `path`, checked against RUN_SCHEMA (a stale file fails with advice)."""
-    table = pq.read_table(path)
-    missing = [n for n in RUN_SCHEMA.names if n not in table.column_names]
-    if missing:
-        raise KdsweepError(f"{path} lacks column(s) {missing}: re-run `dvc repro aggregate`")
-    return table.select(RUN_SCHEMA.names).cast(RUN_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,49 +136,6 @@ class Runs:
         return max(cands, key=lambda v: sign * avg(v)) if shared else cands[0]
 
 
-# ---------------------------------------------------------------------------------------------
-# Bootstrap
-
-
-def _rng(seed: int, *key: Any) -> np.random.Generator:
-    """A generator for one group: depends on the seed and the group's key only."""
-    return np.random.default_rng([seed, zlib.crc32(repr(key).encode())])
-
-
-def _interval(boot: np.ndarray, ci: float) -> tuple[float, float]:
-    lo, hi = np.quantile(boot, [(1 - ci) / 2, (1 + ci) / 2])
-    return float(lo), float(hi)
-
-
-def bootstrap_ci(
-    values: Sequence[float], n_boot: int, ci: float, rng: np.random.Generator
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean; a single value gives (value, value)."""
-    v = np.asarray(values, dtype=float)
-    if v.size == 0:
-        raise ValueError("bootstrap_ci needs at least one value")
-    idx = rng.integers(0, v.size, size=(n_boot, v.size))
-    return _interval(v[idx].mean(axis=1), ci)
-
-
-def _two_sample(
-    a: np.ndarray,
-    b: np.ndarray,
-    stat: Callable[[np.ndarray, np.ndarray], np.ndarray],
-    paired: bool,
-    n_boot: int,
-    ci: float,
-    rng: np.random.Generator,
-) -> tuple[float, float, float]:
-    """stat(mean a, mean b) and its bootstrap interval, resampling pairs jointly if `paired`."""
-    if paired and a.size != b.size:
-        raise ValueError(f"paired samples need equal sizes, got {a.size} and {b.size}")
-    ia = rng.integers(0, a.size, size=(n_boot, a.size))
-    ib = ia if paired else rng.integers(0, b.size, size=(n_boot, b.size))
-    point = float(stat(np.asarray(a.mean()), np.asarray(b.mean())))
-    return (point, *_interval(stat(a[ia].mean(axis=1), b[ib].mean(axis=1)), ci))
-
-
 def _pair(
     ref: Sequence[Mapping[str, Any]], other: Sequence[Mapping[str, Any]]
 ) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -307,30 +152,6 @@ def _pair(
     return (np.array([r["score"] for r in ref]), np.array([r["score"] for r in other]), False)
 
 
-def relative_gain(
-    ref_scores: Sequence[float],
-    base_scores: Sequence[float],
-    higher_is_better: bool,
-    *,
-    paired: bool,
-    n_boot: int,
-    ci: float,
-    rng: np.random.Generator,
-) -> tuple[float, float, float]:
-    """(gain, ci_low, ci_high) of the reference over the baseline, positive when it helps:
-    (ref − base)/base for accuracy, (base − ref)/base for perplexity, on the seed means."""
-    sign = 1.0 if higher_is_better else -1.0
-    return _two_sample(
-        np.asarray(ref_scores, dtype=float),
-        np.asarray(base_scores, dtype=float),
-        lambda r, b: sign * (r - b) / b,
-        paired,
-        n_boot,
-        ci,
-        rng,
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # Summaries
 
@@ -345,7 +166,7 @@ def _summarize(runs: Runs, n_boot: int, ci: float, seed: int) -> list[dict[str, 
     for v in runs.variants():
         for alpha, rows in runs.by_alpha(v).items():
             s = np.array([r["score"] for r in rows])
-            lo, hi = bootstrap_ci(s, n_boot, ci, _rng(seed, v, alpha))
+            lo, hi = bootstrap_ci(s, n_boot, ci, group_rng(seed, v, alpha))
             first = rows[0]
             out.append(
                 {
@@ -370,7 +191,7 @@ def summarize(table: pa.Table, n_boot: int, ci: float, seed: int) -> list[dict[s
     return _summarize(Runs.from_table(table), n_boot, ci, seed)
 
 
-def _gain_rows(runs: Runs, s: AnalysisSettings) -> list[dict[str, Any]]:
+def _gain_rows(runs: Runs, s: AnalysisParams) -> list[dict[str, Any]]:
     base, ref = runs.resolve(s.baseline), runs.resolve(s.reference)
     if base is None or ref is None:
         return []
@@ -378,7 +199,7 @@ def _gain_rows(runs: Runs, s: AnalysisSettings) -> list[dict[str, Any]]:
     out = []
     for alpha in sorted(set(b_by) & set(r_by)):
         r, b, paired = _pair(r_by[alpha], b_by[alpha])
-        rng = _rng(s.seed, "gain", ref, base, alpha)
+        rng = group_rng(s.seed, "gain", ref, base, alpha)
         gain, lo, hi = relative_gain(
             r, b, runs.higher_is_better, paired=paired, n_boot=s.n_boot, ci=s.ci, rng=rng
         )
@@ -389,53 +210,7 @@ def _gain_rows(runs: Runs, s: AnalysisSettings) -> list[dict[str, Any]]:
     return out
 
 
-def data_efficiency_multiplier(
-    base_alphas: Sequence[float],
-    base_scores: Sequence[float],
-    ref_score: float,
-    alpha: float,
-    higher_is_better: bool,
-) -> tuple[float, bool]:
-    """(α*/α, censored): how much more data the baseline needs to reach `ref_score`.
-
-    The baseline curve is made monotone (running best as α grows, so a noisy dip never creates
-    a second crossing) and interpolated linearly in log α; α* is its first crossing of
-    `ref_score`. Two ends cannot be measured:
-    - ref_score beats every baseline point: censored=True and the multiplier is
-      max(base_alphas)/α, a *lower bound* (the baseline never gets there on this grid);
-    - ref_score is worse than the baseline's smallest-α point: α* is clamped to min(base_alphas)
-      (censored=False), so the multiplier is then an *upper bound*; we clamp rather than
-      extrapolate because a slope below the grid is unknown.
-    """
-    a = np.asarray(base_alphas, dtype=float)
-    order = np.argsort(a)
-    a = a[order]
-    sign = 1.0 if higher_is_better else -1.0
-    curve = np.maximum.accumulate(sign * np.asarray(base_scores, dtype=float)[order])
-    target = sign * ref_score
-    if target > curve[-1]:
-        return float(a[-1] / alpha), True
-    i = int(np.argmax(curve >= target))
-    if i == 0 or curve[i] == target:
-        return float(a[i] / alpha), False
-    t = (target - curve[i - 1]) / (curve[i] - curve[i - 1])
-    log_star = math.log(a[i - 1]) + t * (math.log(a[i]) - math.log(a[i - 1]))
-    return math.exp(log_star) / alpha, False
-
-
-def median_multiplier(values: Sequence[float], censored: Sequence[bool]) -> tuple[float, bool]:
-    """(median, is_lower_bound): censored values are lower bounds, and raising a value can move
-    the median only if it ranks at or below the (upper) middle, so only those flag it. Clamped
-    values (upper bounds, see data_efficiency_multiplier) are taken at face value."""
-    v = np.asarray(values, dtype=float)
-    if v.size == 0:
-        raise ValueError("median_multiplier needs at least one value")
-    order = np.argsort(v, kind="stable")
-    low_half = order[: v.size // 2 + 1]
-    return float(np.median(v)), bool(np.asarray(censored, dtype=bool)[low_half].any())
-
-
-def _multiplier_rows(runs: Runs, s: AnalysisSettings) -> list[dict[str, Any]]:
+def _multiplier_rows(runs: Runs, s: AnalysisParams) -> list[dict[str, Any]]:
     base, ref = runs.resolve(s.baseline), runs.resolve(s.reference)
     if base is None or ref is None:
         return []
@@ -476,7 +251,7 @@ def verdict(ci_low: float, ci_high: float, n_min: int) -> str:
     return "matches"
 
 
-def _verdict_rows(runs: Runs, s: AnalysisSettings) -> list[dict[str, Any]]:
+def _verdict_rows(runs: Runs, s: AnalysisParams) -> list[dict[str, Any]]:
     ref = runs.resolve(s.reference)
     if ref is None:
         return []
@@ -489,14 +264,14 @@ def _verdict_rows(runs: Runs, s: AnalysisSettings) -> list[dict[str, Any]]:
                 if alpha not in r_by:
                     continue
                 r, c, paired = _pair(r_by[alpha], rows)
-                adv, lo, hi = _two_sample(
+                adv, lo, hi = two_sample(
                     r,
                     c,
                     lambda x, y: sign * (x - y),
                     paired,
                     s.n_boot,
                     s.ci,
-                    _rng(s.seed, "verdict", ref, v, alpha),
+                    group_rng(s.seed, "verdict", ref, v, alpha),
                 )
                 out.append(
                     {"control": v, "method": method, "reference": ref, "alpha": alpha}
@@ -505,7 +280,7 @@ def _verdict_rows(runs: Runs, s: AnalysisSettings) -> list[dict[str, Any]]:
                     | {"relative_advantage": adv / abs(float(c.mean()))}
                     | {"n_ref": len(r), "n_control": len(c)}
                     | {"verdict": verdict(lo, hi, min(len(r), len(c)))}
-                    | {"hypothesis_control": method in LS_CONTROLS}
+                    | {"hypothesis_control": LOSSES[rows[0]["loss"]].hypothesis in HYPOTHESIS_ROLES}
                 )
     return out
 
@@ -516,8 +291,8 @@ def hypothesis_verdicts(
     """Per control variant and α: the reference's advantage over it in score units (positive =
     reference better, whichever way the score points), its bootstrap CI, and the verdict:
     "falls short" (CI > 0), "matches" (CI ∋ 0), "exceeds" (CI < 0), "undetermined (n<2)"."""
-    s = AnalysisSettings(
-        reference=reference, controls=tuple(controls), n_boot=n_boot, ci=ci, seed=seed
+    s = AnalysisParams(
+        reference=reference, controls=list(controls), n_boot=n_boot, ci=ci, seed=seed
     )
     return _verdict_rows(Runs.from_table(table), s)
 
@@ -539,7 +314,7 @@ def _overall(supported: Sequence[float], tested: Sequence[float]) -> str:
 
 
 def hypothesis_assessment(verdicts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """What the LS_CONTROLS verdicts say about each explanation, per α and overall.
+    """What the hypothesis controls' verdicts say about each explanation, per α and overall.
 
     Only α where every present LS control was compared count. Label smoothing is supported at α
     if all of them match the reference; dark knowledge if all fall short. The dark-knowledge
@@ -582,7 +357,7 @@ class Analysis:
     """All numbers of one runs table, computed once for the metrics file and the report."""
 
     runs: Runs
-    settings: AnalysisSettings
+    settings: AnalysisParams
     summary: list[dict[str, Any]]
     gains: list[dict[str, Any]]
     multipliers: list[dict[str, Any]]
@@ -597,8 +372,8 @@ class Analysis:
         return self.runs.resolve(self.settings.reference)
 
 
-def analyse(table: pa.Table, params: Mapping[str, Any]) -> Analysis:
-    runs, s = Runs.from_table(table), analysis_settings(params)
+def analyse(table: pa.Table, s: AnalysisParams) -> Analysis:
+    runs = Runs.from_table(table)
     return Analysis(
         runs,
         s,
@@ -618,11 +393,11 @@ def _r(x: float | None) -> float | None:
     return round(x, 5) if x is not None and math.isfinite(x) else None
 
 
-def summary_metrics(table: pa.Table, params: Mapping[str, Any]) -> dict[str, Any]:
+def summary_metrics(table: pa.Table, settings: AnalysisParams) -> dict[str, Any]:
     """The DVC metrics: mean score per variant and α, relative gain, multiplier (with its median
     and whether censoring makes that median a lower bound) and the reference's advantage over
     each control; nested by name then α ("0.02"). Rounded to 5 digits, no NaN."""
-    an = analyse(table, params)
+    an = analyse(table, settings)
     score = "acc" if an.runs.higher_is_better else "ppl"
     out: dict[str, Any] = {"n_runs": len(an.runs.rows), score: {}}
     for row in an.summary:

@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kdsweep.cache import CacheError, LogitCache
+from kdsweep.cache.format import CacheError
+from kdsweep.cache.reader import LogitCache
 
 app = typer.Typer(
     help="Knowledge distillation vs dataset size, from cached teacher logits.", no_args_is_help=True
@@ -64,6 +65,7 @@ def results(
     columns: str = "method,alpha,tau,subset_seed,test_acc,agreement,test_kl,ece,train_seconds",
 ) -> None:
     """Print runs.parquet as a table, filtered by method and alpha."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -74,11 +76,9 @@ def results(
         raise typer.Exit(1)
     tbl = pq.read_table(path)
     if method:
-        tbl = tbl.filter(pc.is_in(tbl["method"], value_set=__import__("pyarrow").array(method)))
+        tbl = tbl.filter(pc.is_in(tbl["method"], value_set=pa.array(method)))
     if alpha:
-        tbl = tbl.filter(
-            pc.is_in(tbl["alpha"], value_set=__import__("pyarrow").array(alpha, "float64"))
-        )
+        tbl = tbl.filter(pc.is_in(tbl["alpha"], value_set=pa.array(alpha, "float64")))
     cols = [c for c in columns.split(",") if c in tbl.column_names]
     t = Table()
     for c in cols:
@@ -91,20 +91,42 @@ def results(
 
 @app.command()
 def student(
-    alpha: float,
-    methods: list[str],
+    store: str = typer.Argument(
+        ..., help="a key of cache.stores, or 'labels' for label-only methods"
+    ),
     out_dir: Path = Path("data/students/manual"),
     params: Path = Path("params.yaml"),
+    data: Path = Path("data"),
 ) -> None:
-    """Train the students of one alpha for METHODS by hand, from the cache, exactly as the stage
-    does (all of them in one process)."""
-    from kdsweep import pipeline
+    """Train, by hand and in one process, every student that reads STORE exactly as its stage
+    does, from the pipeline's outputs under DATA."""
     from kdsweep.config import load_params
+    from kdsweep.data.prepared import load_prepared
     from kdsweep.errors import explained_errors
+    from kdsweep.students.train import run_student_stage
 
     with explained_errors():
-        out = pipeline.run_student_stage(load_params(params), alpha, methods, out_dir)
+        p = load_params(params)
+        logits = None if store == "labels" else data / "logits" / f"{store}.zarr"
+        out = run_student_stage(
+            p,
+            load_prepared(data / "prepared"),
+            None if store == "labels" else store,
+            data / "teachers" / "metrics.json",
+            out_dir,
+            logits,
+            data / "logits" / f"{p.cache.reference}.zarr",
+        )
     console.print(f"wrote {out}")
+
+
+@app.command()
+def deps(script: Path) -> None:
+    """The project source files a stage script runs (what dvc.yaml must list as its deps)."""
+    from kdsweep.deps import closure
+
+    for path in sorted(closure(script)):
+        console.print(str(path))
 
 
 if __name__ == "__main__":

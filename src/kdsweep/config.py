@@ -1,59 +1,104 @@
 """params.yaml schema: every stage and the CLI load their parameters through `load_params`.
 
 Validation happens once, on load, so a typo or an out-of-range value stops the pipeline before any
-work is done, with a message that names the key, the value and what is allowed.
+work is done, with a message that names the key, the value and what is allowed. Every name
+(dataset, architecture, loss, cache kind, teacher, store, method) is checked against
+`kdsweep.registry`, which is torch-free, so loading params never imports torch.
+
+Tracing (for tests/test_deps.py): with KDSWEEP_TRACE=<dir> set, a process that loads params
+records every params key it reads and every kdsweep module it imported into <dir>/<pid>.json at
+exit, so a test can check that dvc.yaml declares all of them for the stage that ran.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from kdsweep.errors import KdsweepError
+from kdsweep.registry import ARCHS, CACHE_KINDS, DATASETS, HYPER, LOSSES, TEACHERS
 
-LOSSES = (
-    "ce",
-    "ls",
-    "kd",
-    "logit_mse",
-    "ls_teacher",
-    "ls_matched",
-    "shuffled_dk",
-    "top1_teacher",
-)
+STUDENTS_OF_LABELS = "labels"  # the student stage of methods that read no store
 
 
 class ParamsError(KdsweepError):
     """Invalid params.yaml; the message lists every offending key."""
 
 
+_READ: set[str] | None = None  # params keys read by this process, while tracing
+
+
 class Strict(BaseModel):
+    """Frozen, no unknown keys; knows its own path in params.yaml (`_path`) so that reads of its
+    fields can be traced as dotted keys."""
+
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    _path: str = PrivateAttr("")
+
+    def __getattribute__(self, name: str) -> Any:
+        value = super().__getattribute__(name)
+        if _READ is not None and not name.startswith("_"):
+            field = type(self).model_fields.get(name)
+            if field is not None and not _is_section(value):
+                path = super().__getattribute__("_path")
+                _READ.add(f"{path}{'.' if path else ''}{field.alias or name}")
+        return value
 
 
-LM_SOURCES = ("pydoc", "stdlib", "textfile", "hf")
-VISION_DATASETS = (
-    "mnist1d",
-    "digits",
-    "cifar10",
-    "cifar100",
-    "mnist",
-    "fashionmnist",
-    "svhn",
-    "imagefolder",
-)
+def _is_section(value: Any) -> bool:
+    """Sections record the keys read below them, not themselves."""
+    if isinstance(value, Strict):
+        return True
+    return isinstance(value, dict) and any(isinstance(v, Strict) for v in value.values())
+
+
+def _set_paths(model: Strict, path: str = "") -> None:
+    model._path = path
+    for name, field in type(model).model_fields.items():
+        key = f"{path}{'.' if path else ''}{field.alias or name}"
+        value = BaseModel.__getattribute__(model, name)
+        if isinstance(value, Strict):
+            _set_paths(value, key)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(v, Strict):
+                    _set_paths(v, f"{key}.{k}")
+
+
+def _choice(kind: str, value: str, allowed: Any) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {kind} {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _unique(key: str, values: list[Any], allow_empty: bool = True) -> None:
+    if not values and not allow_empty:
+        raise ValueError(f"{key} must not be empty")
+    dupes = sorted({str(v) for v in values if values.count(v) > 1})
+    if dupes:
+        raise ValueError(f"{key} lists {dupes} more than once")
 
 
 class DataParams(Strict):
-    """A vision dataset, or (names in LM_SOURCES) a text corpus for the language-model track."""
+    """A dataset or text corpus of `kdsweep.registry.DATASETS`."""
 
-    name: Literal[(*VISION_DATASETS, *LM_SOURCES)] = "mnist1d"  # type: ignore[valid-type]
+    name: str = "mnist1d"
     n_train: int = Field(40000, gt=0)
     n_test: int = Field(10000, gt=0)
     seed: int = 0
@@ -66,9 +111,15 @@ class DataParams(Strict):
     seq_len: int = Field(64, gt=1)
     test_fraction: float = Field(0.1, gt=0, lt=1)
 
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        _choice("dataset", v, DATASETS)
+        return v
+
     @property
     def task(self) -> str:
-        return "lm" if self.name in LM_SOURCES else "vision"
+        return DATASETS[self.name].task
 
 
 class TeacherParams(Strict):
@@ -90,17 +141,22 @@ class Codec(Strict):
 
 
 class StoreParams(Strict):
-    teacher: Literal["main", "random_head"] = "main"
-    kind: Literal["full", "topk", "sampled"] = "full"
+    """One Zarr store: which teacher (TEACHERS) it caches and in which kind (CACHE_KINDS)."""
+
+    teacher: str  # required: DVC tracks it (the store's stage depends on that checkpoint)
+    kind: str = "full"
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     k: int | None = Field(None, gt=0)
     sample_seed: int = 0
 
     @model_validator(mode="after")
-    def _k_matches_kind(self) -> StoreParams:
-        if self.kind == "full" and self.k is not None:
-            raise ValueError(f"k={self.k} is only meaningful for kind topk or sampled, not full")
-        if self.kind != "full" and self.k is None:
+    def _known_and_k_matches_kind(self) -> StoreParams:
+        _choice("teacher", self.teacher, TEACHERS)
+        _choice("cache kind", self.kind, CACHE_KINDS)
+        needs_k = CACHE_KINDS[self.kind].needs_k
+        if not needs_k and self.k is not None:
+            raise ValueError(f"k={self.k} is meaningless for kind {self.kind!r}")
+        if needs_k and self.k is None:
             raise ValueError(f"kind {self.kind!r} needs k (a positive integer)")
         return self
 
@@ -111,7 +167,7 @@ class CacheParams(Strict):
     batch_size: int = Field(1024, gt=0)
     views: int = Field(1, ge=1)  # >1: augmentation-consistent caching of V crop/flip views
     aug_seed: int = 0
-    stores: dict[str, StoreParams] = {"full": StoreParams()}
+    stores: dict[str, StoreParams]
     reference: str = "full"  # the store whose test split measures agreement and KL
 
     @model_validator(mode="after")
@@ -145,18 +201,35 @@ Tau = Annotated[float, Field(gt=0)]
 
 
 class MethodParams(Strict):
-    """One student recipe. `loss` defaults to the method's own name in params.yaml."""
+    """One student recipe. `loss` (LOSSES) defaults to the method's own name in params.yaml."""
 
-    loss: Literal[LOSSES] | None = None  # type: ignore[valid-type]
+    loss: str
     lam: Unit = Field(1.0, alias="lambda")
     tau: Tau | list[Tau] = 1.0
     epsilon: Annotated[float, Field(ge=0, lt=1)] = 0.1
     cache: str | None = None  # which store of cache.stores; default: cache.reference
     topk_mode: Literal["renorm", "tail"] = "tail"
 
+    @field_validator("loss")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        _choice("loss", v, LOSSES)
+        return v
+
+    @model_validator(mode="after")
+    def _hyper_used_by_loss(self) -> MethodParams:
+        uses = LOSSES[self.loss].hyper
+        set_ = {type(self).model_fields[f].alias or f for f in self.model_fields_set}
+        unused = sorted(set_ & set(HYPER) - set(uses))
+        if unused:
+            raise ValueError(
+                f"loss {self.loss!r} does not use {unused} (it reads: {', '.join(uses) or 'none'})"
+            )
+        return self
+
     @property
     def uses_teacher(self) -> bool:
-        return self.loss not in ("ce", "ls")
+        return LOSSES[self.loss].needs_teacher
 
     @property
     def taus(self) -> list[float]:
@@ -186,7 +259,7 @@ class Params(Strict):
     alphas: list[float]
     subset_seeds: list[int] = [0]
     teacher: TeacherParams = TeacherParams()
-    cache: CacheParams = CacheParams()
+    cache: CacheParams
     student: StudentParams = StudentParams()
     methods: dict[str, MethodParams]
     sweep: SweepParams
@@ -196,15 +269,27 @@ class Params(Strict):
         """The cache store a method reads: its own `cache`, else `cache.reference`."""
         return self.methods[method].cache or self.cache.reference
 
+    def store_or_none(self, method: str) -> str | None:
+        """The store a method reads, or None for a method of labels only."""
+        return self.store_of(method) if self.methods[method].uses_teacher else None
+
+    def alphas_of(self, method: str) -> list[float]:
+        """The α a method trains at: `alphas` for the main sweep, else `sweep.ablation_alphas`."""
+        return self.alphas if method in self.sweep.methods else self.sweep.ablation_alphas
+
+    def methods_reading(self, store: str | None) -> list[str]:
+        """The swept methods that read `store` (None: those of labels only), in sweep order."""
+        swept = [*self.sweep.methods, *self.sweep.ablation_methods]
+        return [m for m in swept if self.store_or_none(m) == store]
+
     @field_validator("alphas")
     @classmethod
     def _alphas_in_unit_interval(cls, v: list[float]) -> list[float]:
         bad = [a for a in v if not (0 < a <= 1) or math.isnan(a)]
         if bad:
             raise ValueError(f"every alpha must lie in (0, 1]; got {bad}")
-        if not v:
-            raise ValueError("alphas must not be empty")
-        return sorted(set(v))
+        _unique("alphas", v, allow_empty=False)
+        return sorted(v)
 
     @model_validator(mode="before")
     @classmethod
@@ -229,28 +314,39 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _references_exist(self) -> Params:
+        _choice("cache.reference store", self.cache.reference, self.cache.stores)
+        if STUDENTS_OF_LABELS in self.cache.stores:
+            raise ValueError(f"cache.stores: {STUDENTS_OF_LABELS!r} names the label-only students")
+        _check_arch("teacher.arch", self.teacher.arch, self.data.name)
+        _check_arch("student.arch", self.student.arch, self.data.name)
+        _unique("subset_seeds", self.subset_seeds, allow_empty=False)
+        _unique("student.train_seeds", self.student.train_seeds, allow_empty=False)
         for name, m in self.methods.items():
-            if m.cache is not None and m.cache not in self.cache.stores:
-                raise ValueError(
-                    f"methods.{name}.cache={m.cache!r} is not one of cache.stores "
-                    f"({', '.join(self.cache.stores)})"
-                )
+            if m.cache is not None:
+                _choice(f"methods.{name}.cache store", m.cache, self.cache.stores)
+            _unique(f"methods.{name}.tau", m.taus)
             store = self.cache.stores[self.store_of(name)]
-            if store.kind == "sampled" and m.taus != [1.0]:
+            loss = LOSSES[m.loss]
+            if m.uses_teacher and store.kind not in loss.kinds:
+                raise ValueError(
+                    f"methods.{name}: loss {m.loss!r} reads caches of kind "
+                    f"{', '.join(loss.kinds)}, not store {self.store_of(name)!r} ({store.kind})"
+                )
+            if m.uses_teacher and store.kind == "sampled" and m.taus != [1.0]:
                 raise ValueError(
                     f"methods.{name}.tau={m.tau}: a sampled cache holds draws from the teacher at "
                     "tau=1, so its students must use tau: 1"
                 )
-            if store.kind != "full" and m.loss not in ("kd", "ce", "ls"):
-                raise ValueError(
-                    f"methods.{name}: loss {m.loss!r} needs a full cache, not {m.cache!r} ({store.kind})"
-                )
         for key in ("methods", "ablation_methods"):
-            unknown = [n for n in getattr(self.sweep, key) if n not in self.methods]
+            names = getattr(self.sweep, key)
+            _unique(f"sweep.{key}", names, allow_empty=key != "methods")
+            unknown = [n for n in names if n not in self.methods]
             if unknown:
                 raise ValueError(f"sweep.{key} names {unknown}, not defined under methods")
-        if not self.sweep.methods:
-            raise ValueError("sweep.methods is empty: name the methods to train at every alpha")
+        _unique("sweep.ablation_alphas", self.sweep.ablation_alphas)
+        both = sorted(set(self.sweep.methods) & set(self.sweep.ablation_methods))
+        if both:
+            raise ValueError(f"{both} are in both sweep.methods and sweep.ablation_methods")
         if bool(self.sweep.ablation_alphas) != bool(self.sweep.ablation_methods):
             raise ValueError(
                 "sweep.ablation_alphas and sweep.ablation_methods must both be set or both be "
@@ -258,11 +354,22 @@ class Params(Strict):
             )
         a = self.analysis
         for key, name in (("baseline", a.baseline), ("reference", a.reference)):
-            if name not in self.methods:
-                raise ValueError(
-                    f"analysis.{key}={name!r} is not one of methods ({', '.join(self.methods)})"
-                )
+            _choice(f"analysis.{key} method", name, self.methods)
+        for name in a.controls:
+            _choice("analysis.controls method", name, self.methods)
+        _unique("analysis.controls", a.controls)
+        _set_paths(self)
         return self
+
+
+def _check_arch(key: str, arch: str, dataset: str) -> None:
+    _choice(f"{key} architecture", arch, ARCHS)
+    want, have = ARCHS[arch].input_rank, DATASETS[dataset].input_rank
+    if want is not None and want != have:
+        raise ValueError(
+            f"{key}={arch!r} takes inputs of rank {want}, but data.name={dataset!r} has rank "
+            f"{have}; pick one of {', '.join(a for a in ARCHS if ARCHS[a].input_rank in (None, have))}"
+        )
 
 
 def _format_errors(err: ValidationError) -> str:
@@ -290,6 +397,8 @@ def parse_params(raw: dict[str, Any]) -> Params:
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
+    if os.environ.get("KDSWEEP_TRACE"):
+        _start_trace(Path(os.environ["KDSWEEP_TRACE"]))
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path} not found: run from the repository root")
@@ -304,6 +413,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 def params_hash(*sections: Any) -> str:
     """Short stable hash of the params that define a run (recorded in runs.parquet)."""
+    if _READ is not None:  # a dump reads every key of the section
+        _READ.update(s._path for s in sections if isinstance(s, Strict))
     blob = json.dumps(
         [
             s.model_dump(mode="json", by_alias=True) if isinstance(s, BaseModel) else s
@@ -312,3 +423,20 @@ def params_hash(*sections: Any) -> str:
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _start_trace(out_dir: Path) -> None:
+    """Record the params keys this process reads and the kdsweep modules it imports."""
+    global _READ
+    if _READ is not None:
+        return
+    _READ = set()
+    read = _READ
+
+    def dump() -> None:
+        modules = sorted(m for m in sys.modules if m == "kdsweep" or m.startswith("kdsweep."))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        record = {"argv": sys.argv, "keys": sorted(read), "modules": modules}
+        (out_dir / f"{os.getpid()}.json").write_text(json.dumps(record, indent=1))
+
+    atexit.register(dump)

@@ -36,6 +36,12 @@ def atomic_path(final: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def report_work(what: str, seconds: float) -> None:
+    """Print one `kdsweep work:` line for a stage's real work (generating data, training, running
+    the teacher into a cache), so that bench/bench_pipeline.py can tell it from the overhead."""
+    print(f"kdsweep work: {what} {seconds:.3f} s", flush=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

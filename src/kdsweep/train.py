@@ -9,19 +9,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.adam import adam
 from tqdm import tqdm
 
-from kdsweep.cache import CacheSplit
 from kdsweep.errors import KdsweepError
 
-LossFn = Callable[
-    [torch.Tensor, torch.Tensor], torch.Tensor
-]  # (logits, batch row ids) -> per-sample
+# batch(row ids) -> (model inputs, whatever the loss needs of those rows)
+BatchFn = Callable[[torch.Tensor], tuple[torch.Tensor, Any]]
+LossFn = Callable[[torch.Tensor, Any], torch.Tensor]  # (logits, batch context) -> per-sample
 
 
 class NonFiniteLoss(KdsweepError):
@@ -94,12 +93,13 @@ def fit(
     weight_decay: float,
     seed: int,
     desc: str = "train",
-    inputs: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    batch: BatchFn | None = None,
 ) -> float:
     """AdamW with cosine decay over `steps` steps of shuffled mini-batches (epoch-wise permutations).
 
-    The data order depends only on `seed`, so a student is reproducible on its own. `inputs(idx)`
-    replaces `x[idx]` when a batch is built from more than the rows (a replayed augmented view).
+    The data order depends only on `seed`, so a student is reproducible on its own. `batch(idx)`
+    builds a step's inputs and the loss's context (default: `x[idx]` and the row ids `idx`);
+    `loss_fn(logits, context)` returns the per-sample loss.
     On CUDA the forward pass runs under bf16 autocast, and image models use channels_last
     (the layout cuDNN's convolutions are fastest in). Returns the training wall time in seconds.
     """
@@ -122,10 +122,10 @@ def fit(
             perm, pos = torch.randperm(n, generator=gen), 0
         idx = perm[pos : pos + bs].to(x.device)
         pos += bs
-        batch = (inputs(idx) if inputs else x[idx]).contiguous(memory_format=layout)
+        inputs, context = batch(idx) if batch else (x[idx], idx)
         with torch.autocast(x.device.type, torch.bfloat16, enabled=cuda):
-            z = model(batch)
-        loss = loss_fn(z.float(), idx).mean()
+            z = model(inputs.contiguous(memory_format=layout))
+        loss = loss_fn(z.float(), context).mean()
         if not torch.isfinite(loss):
             raise NonFiniteLoss(
                 f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate or "
@@ -144,50 +144,6 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.
     return torch.cat([model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
 
 
-def expected_calibration_error(logits: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
-    """Standard top-label ECE with equal-width confidence bins."""
-    conf, pred = torch.softmax(logits, -1).max(-1)
-    correct = (pred == y).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    ece = torch.zeros(())
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        m = (conf > lo) & (conf <= hi)
-        if m.any():
-            ece += m.float().mean() * (conf[m].mean() - correct[m].mean()).abs()
-    return float(ece)
-
-
-def evaluate(
-    logits: torch.Tensor, y: torch.Tensor, reference: CacheSplit | None
-) -> dict[str, float | None]:
-    """Test accuracy, perplexity and calibration, per position for sequence models; agreement
-    with the teacher (top-1) and KL(teacher‖student) from the reference cache's test split
-    (KL only when that cache holds full logits)."""
-    z, y = logits.flatten(0, -2), y.flatten()
-    acc = float((z.argmax(-1) == y).float().mean())
-    out: dict[str, float | None] = {
-        "test_acc": acc,
-        "test_error": 1 - acc,
-        "test_ppl": math.exp(float(F.cross_entropy(z, y))),
-        "ece": expected_calibration_error(z, y),
-        "agreement": None,
-        "test_kl": None,
-    }
-    if reference is None:
-        return out
-    t = reference.tensors
-    if reference.kind == "full":
-        teacher = t["logits"].flatten(0, -2)
-        top1 = teacher.argmax(-1)
-        out["test_kl"] = float(
-            F.kl_div(
-                torch.log_softmax(z, -1),
-                torch.log_softmax(teacher, -1),
-                log_target=True,
-                reduction="batchmean",
-            )
-        )
-    else:
-        top1 = t["indices"].flatten(0, -2)[:, 0]
-    out["agreement"] = float((z.argmax(-1) == top1).float().mean())
-    return out
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy, per position for sequence models."""
+    return float((logits.flatten(0, -2).argmax(-1) == y.flatten()).float().mean())

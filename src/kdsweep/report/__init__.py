@@ -9,8 +9,8 @@ so, so a run with only `ce` and `kd` still gives a complete report.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,29 +21,35 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, PercentFormatter
 
-from kdsweep.analysis import (
-    LS_CONTROLS,
-    Analysis,
-    analyse,
-    hypothesis_assessment,
-    median_multiplier,
-    read_runs,
-)
+from kdsweep.analysis import Analysis, analyse, hypothesis_assessment
+from kdsweep.cache.summary import read_summaries
+from kdsweep.config import AnalysisParams
 from kdsweep.io import atomic_write_text
+from kdsweep.runs import read_runs
+from kdsweep.stats import median_multiplier
 
 Row = dict[str, Any]
 ABLATION_KINDS = ("topk", "sampled")
 
 
 def write_report(
-    runs_parquet: Path, params: Mapping[str, Any], out_dir: Path, logits_dir: Path | None = None
+    runs_parquet: Path,
+    settings: AnalysisParams,
+    out_dir: Path,
+    summaries: Path | None = None,
+    stores: list[str] = (),
 ) -> Path:
-    """Write out_dir/report.md, out_dir/figures/*.png and out_dir/plots/{accuracy,gain}.csv."""
-    an = analyse(read_runs(runs_parquet), params)
+    """Write out_dir/report.md, out_dir/figures/*.png and out_dir/plots/{accuracy,gain}.csv;
+    the cache table comes from the summaries of `stores` in the `summaries` directory."""
+    an = analyse(read_runs(runs_parquet), settings)
     out_dir = Path(out_dir)
     fig_dir = out_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
-    caches = load_cache_summaries(logits_dir)
+    caches = (
+        [dataclasses.asdict(c) for c in read_summaries(summaries, list(stores))]
+        if summaries
+        else []
+    )
     figures = {"score": _plot_scores(an, fig_dir / "score_vs_alpha.png")}
     if an.gains:
         figures["gain"] = _plot_gain(an, fig_dir / "relative_gain.png")
@@ -58,18 +64,6 @@ def write_report(
     rel = {k: f"figures/{p.name}" for k, p in figures.items()}
     atomic_write_text(path, _markdown(an, caches, rel))
     return path
-
-
-def load_cache_summaries(logits_dir: Path | None) -> list[Row]:
-    """The cache stage's `<store>.json` summaries, by name; none if the directory is absent."""
-    if logits_dir is None or not Path(logits_dir).is_dir():
-        return []
-    out = []
-    for f in sorted(Path(logits_dir).glob("*.json")):
-        info = json.loads(f.read_text())
-        if isinstance(info, dict) and "bytes_per_row" in info:
-            out.append(info)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,7 +494,7 @@ def _hypotheses(an: Analysis) -> str:
     )
     ls_rows = [v for v in an.verdicts if v["hypothesis_control"]]
     other = [v for v in an.verdicts if not v["hypothesis_control"]]
-    wanted = ", ".join(LS_CONTROLS)
+    wanted = "controls whose loss tests a hypothesis (kdsweep.registry.LOSSES)"
     out = ["## Hypothesis controls\n\n" + intro]
     if not ls_rows:
         out.append(

@@ -1,16 +1,16 @@
-"""Datasets, nested class-balanced α-subsets and the dataset fingerprint.
+"""The `prepare` stage's output: the splits fixed once and nested class-balanced α-subsets.
 
-The `prepare` stage writes `data/prepared/`:
+`<prepared>/` (a directory named on the command line by dvc.yaml) holds:
   dataset.safetensors  x_train, y_train, x_test, y_test (the splits, fixed once)
   subsets.safetensors  order_<seed>: a class-interleaved permutation of the training indices per
                        subset seed; the α-subset is its first `subset_size(α, N)` entries, so
                        α=0.02 ⊂ α=0.05 ⊂ … ⊂ α=1 for one seed (nesting by construction).
-  meta.json            name, shapes, num_classes, fingerprint, subset sizes per α.
+  tokenizer.json       language track only: the tokenizer that made the tokens.
+  meta.json            name, shapes, num_classes, fingerprint.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,91 +19,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from kdsweep.config import DataParams
-from kdsweep.errors import KdsweepError
+from kdsweep.data.splits import DataError, Splits
 from kdsweep.io import atomic_path, atomic_write_json
-
-
-class DataError(KdsweepError):
-    """A dataset that is missing, corrupt or too small for what was asked."""
-
-
-@dataclass(frozen=True)
-class Splits:
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    num_classes: int
-    name: str
-    tokenizer_json: str | None = None  # language track: the tokenizer that made the tokens
-
-    @property
-    def fingerprint(self) -> str:
-        """sha256 over the split contents: a cache built on other data is refused."""
-        h = hashlib.sha256(self.name.encode())
-        for t in (self.x_train, self.y_train, self.x_test, self.y_test):
-            h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
-            h.update(t.contiguous().numpy().tobytes())
-        return h.hexdigest()
-
-
-def _mnist1d(p: DataParams) -> Splits:
-    """MNIST-1D generated locally (never its download path): ~14 s for 100k samples on 2 cores."""
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    args = get_dataset_args()
-    total = p.n_train + p.n_test
-    args.num_samples = total
-    args.train_split = p.n_train / total
-    args.seed = p.seed
-    d = make_dataset(args)
-    as_x = lambda a: torch.from_numpy(np.asarray(a, np.float32)).unsqueeze(1)  # noqa: E731
-    as_y = lambda a: torch.from_numpy(np.asarray(a, np.int64))  # noqa: E731
-    return Splits(as_x(d["x"]), as_y(d["y"]), as_x(d["x_test"]), as_y(d["y_test"]), 10, p.name)
-
-
-def _digits(p: DataParams) -> Splits:
-    """scikit-learn's bundled 8x8 digits (1797 images): a second offline vision dataset."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
-    y = torch.from_numpy(d.target.astype(np.int64))
-    perm = torch.from_numpy(np.random.default_rng(p.seed).permutation(len(y)))
-    n_test = min(p.n_test, len(y) // 4)
-    n_train = min(p.n_train, len(y) - n_test)
-    tr, te = perm[n_test : n_test + n_train], perm[:n_test]
-    return Splits(x[tr], y[tr], x[te], y[te], 10, p.name)
-
-
-def _text(p: DataParams) -> Splits:
-    """Documents split before tokenisation; the BPE tokenizer is trained on the training documents
-    only; x/y are next-token windows of `seq_len`, num_classes is the vocabulary size."""
-    from kdsweep import lm
-
-    train_docs, test_docs = lm.split_documents(
-        lm.load_documents(p.name, p.path, p.hf_name), p.test_fraction, p.seed
-    )
-    tok = lm.train_tokenizer(train_docs, p.vocab_size)
-    x, y = lm.encode_sequences(tok, train_docs, p.seq_len)
-    xt, yt = lm.encode_sequences(tok, test_docs, p.seq_len)
-    n, m = min(p.n_train, len(x)), min(p.n_test, len(xt))
-    return Splits(
-        x[:n], y[:n], xt[:m], yt[:m], tok.get_vocab_size(), p.name, lm.tokenizer_to_json(tok)
-    )
-
-
-def build_splits(p: DataParams) -> Splits:
-    if p.name == "mnist1d":
-        return _mnist1d(p)
-    if p.name == "digits":
-        return _digits(p)
-    if p.task == "lm":
-        return _text(p)
-    from kdsweep.vision import torchvision_splits
-
-    return torchvision_splits(p)
 
 
 def subset_size(alpha: float, n: int) -> int:

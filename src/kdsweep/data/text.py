@@ -1,35 +1,28 @@
-"""Language-model building blocks: an offline corpus, a byte-level BPE tokenizer, contiguous
-next-token sequences and a small GPT-style decoder.
+"""Text corpora for the language-model track (registered in DATASETS), a byte-level BPE
+tokenizer and contiguous next-token sequences.
 
 α-subsets for language models are token-stream prefixes, not class-interleaved permutations:
 documents are shuffled once (in `split_documents`), concatenated in order and cut into contiguous
-windows, so the first m sequences are the first m·seq_len training tokens and `prefix_order`
-makes every α-subset nested by construction.
+windows, so the first m sequences are the first m·seq_len training tokens and every α-subset is
+nested by construction (the prepared subset order is the identity).
 """
 
 from __future__ import annotations
 
-import math
 import re
 import sysconfig
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from torch import nn
 
+from kdsweep.config import DataParams
+from kdsweep.data.splits import Splits
 from kdsweep.errors import KdsweepError
-from kdsweep.models import Block
 
 EOT = "<|endoftext|>"
-SOURCES = ("pydoc", "stdlib", "textfile", "hf")
 STDLIB_MAX_FILES = 64
-LM_ARCHS: dict[str, tuple[int, int]] = {
-    "gpt": (2, 4),
-    "gpt-small": (4, 4),
-}  # arch -> (depth, heads)
 
 
 class CorpusError(KdsweepError):
@@ -76,23 +69,6 @@ def _hf_documents(hf_name: str | None) -> list[str]:
     return [t for t in ds["text"] if t.strip()]
 
 
-def load_documents(source: str, path: str | None = None, hf_name: str | None = None) -> list[str]:
-    """The corpus as a list of documents, in a fixed order (offline unless source is 'hf')."""
-    if source == "pydoc":
-        docs = _pydoc_documents()
-    elif source == "stdlib":
-        docs = _stdlib_documents()
-    elif source == "textfile":
-        docs = _textfile_documents(path)
-    elif source == "hf":
-        docs = _hf_documents(hf_name)
-    else:
-        raise CorpusError(f"unknown corpus source {source!r}: allowed are {', '.join(SOURCES)}")
-    if not docs:
-        raise CorpusError(f"corpus source {source!r} yielded no documents")
-    return docs
-
-
 def split_documents(
     docs: list[str], test_fraction: float, seed: int
 ) -> tuple[list[str], list[str]]:
@@ -131,15 +107,6 @@ def train_tokenizer(docs: list[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def tokenizer_to_json(tok: Tokenizer) -> str:
-    """The tokenizer as JSON text: a plain, inspectable artifact (no pickle)."""
-    return tok.to_str()
-
-
-def tokenizer_from_json(s: str) -> Tokenizer:
-    return Tokenizer.from_str(s)
-
-
 def encode_sequences(
     tok: Tokenizer, docs: list[str], seq_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,57 +133,30 @@ def encode_sequences(
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
 
-def prefix_order(n: int) -> torch.Tensor:
-    """The LM subset order: the identity, so the α-subset is the first round(α·N) sequences —
-    contiguous documents, nested across α."""
-    return torch.arange(n)
+def corpus_splits(p: DataParams, docs: list[str]) -> Splits:
+    """Documents split before tokenisation; the BPE tokenizer is trained on the training documents
+    only; x/y are next-token windows of `seq_len`, num_classes is the vocabulary size."""
+    if not docs:
+        raise CorpusError(f"corpus {p.name!r} yielded no documents")
+    train_docs, test_docs = split_documents(docs, p.test_fraction, p.seed)
+    tok = train_tokenizer(train_docs, p.vocab_size)
+    x, y = encode_sequences(tok, train_docs, p.seq_len)
+    xt, yt = encode_sequences(tok, test_docs, p.seq_len)
+    n, m = min(p.n_train, len(x)), min(p.n_test, len(xt))
+    return Splits(x[:n], y[:n], xt[:m], yt[:m], tok.get_vocab_size(), p.name, tok.to_str())
 
 
-class GPT(nn.Module):
-    """A small decoder-only transformer. The output layer is `.head` (untied from the token
-    embedding) so the `random_head` control can re-initialise it alone; no layer keeps running
-    statistics, so students stack under `torch.func.vmap`."""
-
-    def __init__(self, vocab_size: int, seq_len: int, width: int, depth: int, heads: int):
-        super().__init__()
-        if width % heads:
-            raise ValueError(f"width {width} must be divisible by heads {heads}")
-        self.seq_len = seq_len
-        self.tok_emb = nn.Embedding(vocab_size, width)
-        self.pos_emb = nn.Embedding(seq_len, width)
-        self.blocks = nn.Sequential(*(Block(width, heads, causal=True) for _ in range(depth)))
-        self.ln_f = nn.LayerNorm(width)
-        self.head = nn.Linear(width, vocab_size)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
-            if name.endswith(("attn.proj.weight", "mlp.2.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * depth))
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        """GPT-2's small normal init: PyTorch's defaults train a transformer noticeably worse."""
-        if isinstance(m, nn.Linear | nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        length = x.shape[-1]
-        if length > self.seq_len:
-            raise ValueError(f"input length {length} exceeds the model's seq_len {self.seq_len}")
-        h = self.tok_emb(x) + self.pos_emb(torch.arange(length, device=x.device))
-        return self.head(self.ln_f(self.blocks(h)))
+def pydoc(p: DataParams) -> Splits:
+    return corpus_splits(p, _pydoc_documents())
 
 
-def build_lm(arch: str, vocab_size: int, seq_len: int, width: int) -> GPT:
-    """The LM counterpart of `build_model`: depth and heads come from the arch name."""
-    if arch not in LM_ARCHS:
-        raise ValueError(f"unknown LM arch {arch!r}: allowed are {', '.join(LM_ARCHS)}")
-    depth, heads = LM_ARCHS[arch]
-    return GPT(vocab_size, seq_len, width, depth, heads)
+def stdlib(p: DataParams) -> Splits:
+    return corpus_splits(p, _stdlib_documents())
 
 
-def perplexity(logits: torch.Tensor, y: torch.Tensor) -> float:
-    """exp(mean next-token cross-entropy) over every position: the LM test metric."""
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
-    return math.exp(ce.item())
+def textfile(p: DataParams) -> Splits:
+    return corpus_splits(p, _textfile_documents(p.path))
+
+
+def hf(p: DataParams) -> Splits:
+    return corpus_splits(p, _hf_documents(p.hf_name))

@@ -10,7 +10,7 @@ a shared lr and weight decay; the summed per-student mean losses give each stude
 gradient of its own mean loss. A stacked student therefore equals its sequential twin up to the
 rounding of batched kernels (float64, 7 steps: within 3e-16, see tests/test_stack.py).
 
-Whether stacking pays depends on the device and the student's size (`choose_path`).
+Whether stacking pays depends on the device and the student's size (`plan.choose_path`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm import tqdm
 
-from kdsweep.cache import CacheSplit
 from kdsweep.losses import student_loss
+from kdsweep.targets import TeacherTargets
 from kdsweep.train import AdamW, NonFiniteLoss
 
 # (logits [bs, C], this student's target rows {name: [bs, ...]}, its hyper-parameters {name: 0-d})
@@ -36,15 +36,6 @@ StackedLossFn = Callable[
     [torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]],
     tuple[torch.Tensor, torch.Tensor],
 ]
-
-# Largest student (parameter count) for which the stacked path is chosen on a CPU. Measured with
-# bench/bench_stack.py (2 cores, 1 torch thread, batch 128, MNIST-1D shapes, cached KD), stacked/
-# sequential samples/s at K = 8 / 32: cnn1d w8 (0.9k) 1.9/2.4x, w16 (2.5k) 1.8/2.3x, w32 (8k)
-# 1.4/1.4x, w64 (28k) 1.1/1.0x; mlp w32 (2.7k) 2.5/5.6x, w64 (7k) 2.5/4.2x, w128 (23k) 2.2/2.6x,
-# w256 (79k) 1.2/1.4x. At K = 1 stacking costs 0.5-0.8x. The CNN gains less per parameter than
-# the MLP (more work per parameter), so the bound sits just below the width-64 CNN, which §7 and
-# this bench both find gains nothing.
-CPU_STACK_MAX_PARAMS = 25_000
 
 
 @dataclass
@@ -165,59 +156,25 @@ def stacked_student_loss(
     def fn(
         z: torch.Tensor, t: dict[str, torch.Tensor], h: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        teacher = {name: v for name, v in t.items() if name != "y"}
-        rows = CacheSplit(kind, teacher) if kind is not None else None
+        rows = TeacherTargets(kind, {name: v for name, v in t.items() if name != "y"})
         return student_loss(loss, z, t["y"], rows, h["lam"], h["tau"], epsilon, topk_mode)
 
     return fn
 
 
 def stack_subsets(
-    parts: list[tuple[torch.Tensor, torch.Tensor, CacheSplit | None]],
+    parts: list[tuple[torch.Tensor, torch.Tensor, TeacherTargets]],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Stack each student's (x, y, teacher rows), as `pipeline.subset_targets` returns them, into
-    `fit_stacked`'s xs and targets. Caches of augmented views are not stacked: `Batches` draws a
-    view per sample from its own generator, which a stack does not replay."""
+    """Stack each student's (x, y, teacher rows), as `train.student_data` returns them, into
+    `fit_stacked`'s xs and targets. Caches of augmented views are not stacked: `ViewBatches`
+    draws a view per sample from its own generator, which a stack does not replay."""
     sizes = {len(x) for x, _, _ in parts}
     if len(sizes) != 1:
         raise ValueError(f"stacked students need subsets of one size (one α), got sizes {sizes}")
-    if any(t is not None and "aug" in t.tensors for _, _, t in parts):
+    if any("aug" in t.tensors for _, _, t in parts):
         raise ValueError("caches of augmented views train one student at a time")
     xs = torch.stack([x for x, _, _ in parts])
     targets = {"y": torch.stack([y for _, y, _ in parts])}
-    first = parts[0][2]
-    for name in first.tensors if first is not None else ():
+    for name in parts[0][2].tensors:
         targets[name] = torch.stack([t.tensors[name] for _, _, t in parts])
     return xs, targets
-
-
-def choose_path(device: torch.device, model: nn.Module, k: int, forced: str) -> str:
-    """Pick "stacked" or "sequential" for K students like `model` on `device`.
-
-    forced "on"/"off" wins. Otherwise ("auto"): on CUDA stacking any K > 1 pays (DESIGN.md §7:
-    ~110x for 256 MLPs, ~2.7x for 32 ResNet-20s on an H200); elsewhere only students below
-    CPU_STACK_MAX_PARAMS parameters gain, since a bigger one already fills the cores alone.
-    """
-    if forced not in ("on", "off", "auto"):
-        raise ValueError(f"stacking must be 'on', 'off' or 'auto', got {forced!r}")
-    if forced != "auto":
-        return "stacked" if forced == "on" else "sequential"
-    if k <= 1:
-        return "sequential"
-    if device.type == "cuda":
-        return "stacked"
-    from kdsweep.models import SelfAttention
-
-    if any(isinstance(m, SelfAttention) for m in model.modules()):
-        return "sequential"  # the CPU attention kernel has no vmap rule: it would loop anyway
-    size = sum(p.numel() for p in model.parameters())
-    return "stacked" if size < CPU_STACK_MAX_PARAMS else "sequential"
-
-
-def memory_groups(k: int, bytes_per_student: int, budget_bytes: int) -> list[range]:
-    """Consecutive groups of the K students, each within `budget_bytes` (but at least one
-    student), sized evenly so that no small remainder group wastes a whole pass."""
-    per = max(1, budget_bytes // max(bytes_per_student, 1))
-    n_groups = -(-k // per)
-    bounds = [k * g // n_groups for g in range(n_groups + 1)]
-    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

@@ -1,0 +1,113 @@
+"""The on-disk format of a logit cache store (Zarr v3), shared by the writer and the reader.
+
+Layout of `<name>.zarr` (DESIGN.md §4):
+  zarr.json              root attributes: format_version, kind, k, dtype, num_classes, row_shape,
+                         views, teacher_fingerprint, dataset_fingerprint, codec, chunk_rows,
+                         sample_seed, sample_tau, splits, kdsweep_version, complete (written last)
+  train/, test/          one group per split, attributes {split, num_rows}; the arrays of the
+                         store's kind (kdsweep.cache.kinds), shaped [N, *row_shape, …], plus
+                         aug[N, V, 3] (int16) for a split cached over V augmented views.
+Chunks hold whole rows (`chunk_rows`), compressed by zarr's own codecs, and end in a
+Crc32cCodec, so an altered chunk raises on read instead of decoding to garbage.
+
+Writes go to `<name>.zarr.partial`, chunk by chunk, each finished chunk recorded in
+`progress.<rank>.json`; a killed writer resumes from the last finished chunk, and the store is
+renamed into place only after `complete` is set. Readers refuse anything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zarr.codecs as zc
+
+from kdsweep import __version__
+from kdsweep.cache.kinds import CacheKind, Layout
+from kdsweep.config import Codec
+from kdsweep.errors import KdsweepError
+from kdsweep.registry import CACHE_KINDS
+
+FORMAT_VERSION = 2  # 2: row_shape per split (positions or views per row), aug
+REQUIRED_ATTRS = {
+    "format_version",
+    "kind",
+    "k",
+    "dtype",
+    "num_classes",
+    "row_shape",
+    "views",
+    "teacher_fingerprint",
+    "dataset_fingerprint",
+    "codec",
+    "chunk_rows",
+    "splits",
+    "kdsweep_version",
+    "complete",
+}
+
+
+class CacheError(KdsweepError):
+    """A cache store that is incomplete, corrupt, or made for another teacher or dataset."""
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    kind: str = "full"
+    dtype: str = "float16"
+    k: int | None = None
+    chunk_rows: int = 8192
+    codec: Codec = Codec()
+    sample_seed: int = 0
+
+    @property
+    def kind_class(self) -> type[CacheKind]:
+        return CACHE_KINDS.load(self.kind)
+
+    def layout(self, n: int, c: int, row: tuple[int, ...]) -> Layout:
+        """Shapes and dtypes of each array: n rows, each of `row` positions (() for one label)."""
+        return self.kind_class.layout(n, c, row, self.k, self.dtype)
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def compressors(codec: Codec) -> list[Any]:
+    chain: list[Any] = []
+    if codec.name == "blosc":
+        chain.append(zc.BloscCodec(cname=codec.cname, clevel=codec.clevel, shuffle=codec.shuffle))
+    elif codec.name == "zstd":
+        chain.append(zc.ZstdCodec(level=codec.clevel))
+    return [*chain, zc.Crc32cCodec()]
+
+
+def root_attrs(
+    spec: StoreSpec,
+    num_classes: int,
+    row_shapes: dict[str, list[int]],
+    views: int,
+    teacher_fp: str,
+    dataset_fp: str,
+    splits: dict[str, int],
+) -> dict:
+    sampled = spec.kind == "sampled"
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": spec.kind,
+        "k": spec.k,
+        "dtype": spec.dtype,
+        "num_classes": num_classes,
+        "row_shape": row_shapes,
+        "views": views,
+        "teacher_fingerprint": teacher_fp,
+        "dataset_fingerprint": dataset_fp,
+        "codec": spec.codec.model_dump(),
+        "chunk_rows": spec.chunk_rows,
+        "sample_seed": spec.sample_seed if sampled else None,
+        "sample_tau": 1.0 if sampled else None,
+        "splits": splits,
+        "kdsweep_version": __version__,
+        "complete": False,
+    }

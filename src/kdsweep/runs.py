@@ -1,0 +1,132 @@
+"""One trained student = one `RunRecord`: the row the student stages write (runs.json) and the
+pyarrow schema of runs.parquet are both this dataclass, so they cannot disagree.
+
+Plain data, no torch: `aggregate` and `report` start fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kdsweep.errors import KdsweepError
+from kdsweep.io import atomic_path
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One student: its recipe, data, budget, test metrics, cost and provenance."""
+
+    run_id: str
+    dataset: str
+    task: str
+    teacher_id: str | None
+    teacher_arch: str
+    student_arch: str
+    method: str
+    loss: str
+    lam: float | None
+    tau: float | None
+    epsilon: float | None
+    cache_name: str | None
+    cache_kind: str | None
+    k: int | None
+    topk_mode: str | None
+    alpha: float
+    n_train: int
+    subset_seed: int
+    train_seed: int
+    budget_mode: str
+    epochs: float
+    steps: int
+    test_acc: float
+    test_error: float
+    test_ppl: float | None
+    agreement: float | None
+    test_kl: float | None
+    ece: float
+    neg_kl_frac: float | None
+    train_seconds: float
+    train_path: str
+    params_hash: str
+    git_rev: str
+
+    def row(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _arrow_type(hint: Any) -> pa.DataType:
+    """str -> string, int -> int64, float -> float64; `X | None` is X, nullable."""
+    base = (
+        [a for a in typing.get_args(hint) if a is not type(None)]
+        if isinstance(hint, types.UnionType)
+        else [hint]
+    )
+    return {str: pa.string(), int: pa.int64(), float: pa.float64()}[base[0]]
+
+
+_HINTS = typing.get_type_hints(RunRecord)
+RUN_SCHEMA = pa.schema(
+    [(f.name, _arrow_type(_HINTS[f.name])) for f in dataclasses.fields(RunRecord)]
+)
+
+
+def _load_rows(path: Path) -> list[dict[str, Any]]:
+    rows = json.loads(path.read_text())
+    if not isinstance(rows, list):
+        raise KdsweepError(f"{path}: expected a JSON list of run rows, got {type(rows).__name__}")
+    expected = set(RUN_SCHEMA.names)
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise KdsweepError(f"{path}: row {i} is a {type(row).__name__}, not an object")
+        missing, extra = sorted(expected - set(row)), sorted(set(row) - expected)
+        if missing or extra:
+            raise KdsweepError(
+                f"{path}: row {i} is missing key(s) {missing} and has unexpected key(s) {extra}; "
+                "the keys must be exactly the fields of kdsweep.runs.RunRecord"
+            )
+    return rows
+
+
+def collect_runs(students_dir: Path, stages: list[str]) -> pa.Table:
+    """`<students_dir>/<stage>/runs.json` of each student stage, in order, as one table of
+    RUN_SCHEMA. Only the stages of the current params: a folder left by a removed store is stale."""
+    files = [Path(students_dir) / s / "runs.json" for s in stages]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise KdsweepError(f"student results {missing} are missing: run `dvc repro`")
+    tables = []
+    for f in files:
+        try:
+            tables.append(pa.Table.from_pylist(_load_rows(f), schema=RUN_SCHEMA))
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise KdsweepError(f"{f}: a value has the wrong type for RUN_SCHEMA ({err})") from None
+    table = pa.concat_tables(tables) if tables else RUN_SCHEMA.empty_table()
+    if table.num_rows == 0:
+        raise KdsweepError(
+            f"no student runs under {students_dir} ({len(files)} runs.json file(s)): "
+            "no method of the sweep trains a student (`sweep.methods`)"
+        )
+    return table
+
+
+def write_parquet(table: pa.Table, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_runs(path: Path) -> pa.Table:
+    """The runs table at `path`, checked against RUN_SCHEMA (a stale file fails with advice)."""
+    table = pq.read_table(path)
+    missing = [n for n in RUN_SCHEMA.names if n not in table.column_names]
+    if missing:
+        raise KdsweepError(f"{path} lacks column(s) {missing}: re-run `dvc repro aggregate`")
+    return table.select(RUN_SCHEMA.names).cast(RUN_SCHEMA)

@@ -1,0 +1,101 @@
+"""Planning a student stage: which students to train (`StudentJob`), which of them can share a
+stack, whether stacking pays on this device, and how many fit in memory at once."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kdsweep.config import MethodParams, Params
+from kdsweep.registry import LOSSES
+from kdsweep.targets import TeacherTargets
+
+# Largest student (parameter count) for which the stacked path is chosen on a CPU. Measured with
+# bench/bench_stack.py (2 cores, 1 torch thread, batch 128, MNIST-1D shapes, cached KD), stacked/
+# sequential samples/s at K = 8 / 32: cnn1d w8 (0.9k) 1.9/2.4x, w16 (2.5k) 1.8/2.3x, w32 (8k)
+# 1.4/1.4x, w64 (28k) 1.1/1.0x; mlp w32 (2.7k) 2.5/5.6x, w64 (7k) 2.5/4.2x, w128 (23k) 2.2/2.6x,
+# w256 (79k) 1.2/1.4x. At K = 1 stacking costs 0.5-0.8x. The CNN gains less per parameter than
+# the MLP (more work per parameter), so the bound sits just below the width-64 CNN, which §7 and
+# this bench both find gains nothing.
+CPU_STACK_MAX_PARAMS = 25_000
+
+
+@dataclass(frozen=True)
+class StudentJob:
+    """One student: the recipe, the subset and the seed."""
+
+    method: str
+    m: MethodParams
+    tau: float
+    alpha: float
+    subset_seed: int
+    train_seed: int
+
+    @property
+    def seed(self) -> int:
+        """Initialisation and data-order seed: distinct for every (subset seed, train seed)."""
+        return 1000 * self.subset_seed + self.train_seed
+
+
+def student_jobs(p: Params, method: str) -> list[StudentJob]:
+    """Every student of `method`: its α × subset seeds × train seeds × τ."""
+    m = p.methods[method]
+    return [
+        StudentJob(method, m, tau, alpha, s, r)
+        for alpha, s, r, tau in itertools.product(
+            p.alphas_of(method), p.subset_seeds, p.student.train_seeds, m.taus
+        )
+    ]
+
+
+def stack_key(job: StudentJob, t: TeacherTargets) -> tuple:
+    """Students with equal keys compute the same loss function on targets of the same per-row
+    shapes and differ only in λ, τ, seed and data, so they can share one stack (`t`: the teacher
+    rows the job reads, any number of them). Controls are KD on transformed targets of the same
+    shape, and teacher-label students are CE on other labels; one α per stack (equal subsets)."""
+    loss = LOSSES[job.m.loss]
+    shapes = tuple((n, tuple(v.shape[1:]), v.dtype) for n, v in sorted(t.tensors.items()))
+    return (
+        job.alpha,
+        loss.distill,
+        t.kind if loss.distill else None,
+        job.m.epsilon if loss.smooth_labels else None,
+        job.m.topk_mode if t.kind == "topk" and loss.distill else None,
+        shapes if loss.distill else (),
+    )
+
+
+def choose_path(
+    device: torch.device, model: nn.Module, vmappable: bool, k: int, forced: str
+) -> str:
+    """Pick "stacked" or "sequential" for K students like `model` on `device`.
+
+    forced "on"/"off" wins. Otherwise ("auto"): on CUDA stacking any K > 1 pays (DESIGN.md §7:
+    ~110x for 256 MLPs, ~2.7x for 32 ResNet-20s on an H200); elsewhere only students below
+    CPU_STACK_MAX_PARAMS parameters gain, since a bigger one already fills the cores alone, and
+    only architectures that ARCHS marks vmappable.
+    """
+    if forced not in ("on", "off", "auto"):
+        raise ValueError(f"stacking must be 'on', 'off' or 'auto', got {forced!r}")
+    if forced != "auto":
+        return "stacked" if forced == "on" else "sequential"
+    if k <= 1:
+        return "sequential"
+    if device.type == "cuda":
+        return "stacked"
+    if not vmappable:
+        return "sequential"  # e.g. the CPU attention kernel has no vmap rule: it would loop anyway
+    size = sum(p.numel() for p in model.parameters())
+    return "stacked" if size < CPU_STACK_MAX_PARAMS else "sequential"
+
+
+def memory_groups(k: int, bytes_per_student: int, budget_bytes: int) -> list[range]:
+    """Consecutive groups of the K students, each within `budget_bytes` (but at least one
+    student), sized evenly so that no small remainder group wastes a whole pass."""
+    per = max(1, budget_bytes // max(bytes_per_student, 1))
+    n_groups = -(-k // per)
+    bounds = [k * g // n_groups for g in range(n_groups + 1)]
+    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
