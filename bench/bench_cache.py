@@ -17,12 +17,16 @@ from pathlib import Path
 import torch
 import typer
 
-from kdsweep import pipeline
-from kdsweep.cache import CacheSplit, LogitCache, StoreSpec, write_cache
+from kdsweep.cache.format import StoreSpec
+from kdsweep.cache.reader import LogitCache
+from kdsweep.cache.writer import write_cache
 from kdsweep.config import Codec, load_params
-from kdsweep.data import load_prepared
+from kdsweep.data.prepared import load_prepared
+from kdsweep.io import load_checkpoint
 from kdsweep.losses import student_loss
 from kdsweep.models import build_model
+from kdsweep.targets import NO_TARGETS, TeacherTargets
+from kdsweep.teacher import teacher_model
 
 CODECS = {
     "blosc-zstd-shuffle": Codec(name="blosc", cname="zstd", clevel=5, shuffle="shuffle"),
@@ -53,10 +57,17 @@ def timed(fn, repeat: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def main(params: Path = Path("params.yaml"), steps: int = 50, quick: bool = False) -> None:
+def main(
+    params: Path = Path("params.yaml"),
+    data: Path = Path("data"),
+    steps: int = 50,
+    quick: bool = False,
+) -> None:
     p = load_params(params)
-    prep = load_prepared(pipeline.PREPARED)
-    teacher, _ = pipeline.load_teacher(p, "main", prep)
+    prep = load_prepared(data / "prepared")
+    teacher = teacher_model(p, prep)
+    load_checkpoint(teacher, data / "teachers" / "main.safetensors")
+    teacher.eval()
     x = prep.splits.x_train
     with torch.no_grad():
         logits = torch.cat([teacher(x[i : i + 4096]) for i in range(0, len(x), 4096)])
@@ -98,12 +109,12 @@ def main(params: Path = Path("params.yaml"), steps: int = 50, quick: bool = Fals
         idx = torch.randint(0, len(x), (bs,), generator=gen)
         z = model(x[idx])
         if kind == "ce":
-            loss = student_loss("ce", z, y[idx], None, 1.0, 4.0, 0.0)[0]
+            loss = student_loss("ce", z, y[idx], NO_TARGETS, 1.0, 4.0, 0.0)[0]
         elif kind == "cached":
             loss = student_loss("kd", z, y[idx], full.rows(idx), 1.0, 4.0, 0.0)[0]
         else:
             with torch.no_grad():
-                t = CacheSplit("full", {"logits": teacher(x[idx])})
+                t = TeacherTargets("full", {"logits": teacher(x[idx])})
             loss = student_loss("kd", z, y[idx], t, 1.0, 4.0, 0.0)[0]
         opt.zero_grad()
         loss.mean().backward()

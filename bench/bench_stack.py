@@ -3,7 +3,7 @@
 For each student and each K, trains the same K students (same seeds, data and cached-KD loss)
 once with `stack.fit_stacked` and once one after another with `train.fit`, and prints the ratio
 of training samples/s, stacked/sequential (> 1: stacking pays), and the same ratio for the path
-`stack.choose_path` picks by itself ("auto": the stacked ratio where it stacks, 1.00x where it
+`students.plan.choose_path` picks by itself ("auto": the stacked ratio where it stacks, 1.00x where it
 trains one after another, which is then the sequential code itself). Absolute samples/s are
 printed beside the ratios for context only. The data are random tensors of MNIST-1D shape; the teacher
 targets are random full logits, so no pipeline stage has to run first.
@@ -20,10 +20,12 @@ import time
 import torch
 import typer
 
-from kdsweep.cache import CacheSplit
 from kdsweep.losses import student_loss
 from kdsweep.models import build_model
-from kdsweep.stack import choose_path, fit_stacked, stacked_student_loss
+from kdsweep.registry import ARCHS
+from kdsweep.students.plan import choose_path
+from kdsweep.students.stack import fit_stacked, stacked_student_loss
+from kdsweep.targets import TeacherTargets
 from kdsweep.train import fit
 
 SHAPE, CLASSES, LAM, TAU = (1, 40), 10, 1.0, 4.0
@@ -40,12 +42,12 @@ def make_data(k: int, n: int, device: torch.device) -> tuple[torch.Tensor, dict[
 def run_sequential(
     arch: str, width: int, xs: torch.Tensor, t: dict[str, torch.Tensor], steps: int, bs: int
 ) -> float:
-    """Seconds for K students trained one after another, as `pipeline.train_one` does."""
+    """Seconds for K students trained one after another, as `students.train.train_one` does."""
     t0 = time.perf_counter()
     for k in range(len(xs)):
         torch.manual_seed(k)
         model = build_model(arch, SHAPE, CLASSES, width).to(xs.device)
-        y, rows = t["y"][k], CacheSplit("full", {"logits": t["logits"][k]})
+        y, rows = t["y"][k], TeacherTargets("full", {"logits": t["logits"][k]})
 
         def loss_fn(z: torch.Tensor, i: torch.Tensor, y=y, rows=rows) -> torch.Tensor:
             return student_loss("kd", z, y[i], rows.rows(i), LAM, TAU, 0.0)[0]
@@ -124,7 +126,11 @@ def main(
                 seq = min(seq, run_sequential(arch, width, xs, t, steps, batch_size))
                 stk = min(stk, run_stacked(arch, width, xs, t, steps, batch_size))
             samples = k * steps * min(batch_size, n)
-            auto = seq / stk if choose_path(dev, probe, k, "auto") == "stacked" else 1.0
+            auto = (
+                seq / stk
+                if choose_path(dev, probe, ARCHS[arch].vmappable, k, "auto") == "stacked"
+                else 1.0
+            )
             print(
                 f"{spec:<10} {size:>7} {k:>4} {seq / stk:>7.2f}x {auto:>6.2f}x "
                 f"{samples / seq:>14,.0f} {samples / stk:>14,.0f}",

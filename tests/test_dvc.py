@@ -1,23 +1,32 @@
 """End to end through DVC itself, in a temporary copy of the repository with tiny params.
 
-One pipeline is built per module and reused: `dvc repro`, a no-op second repro, a one-method
-change, `dvc exp run -S`, and a teammate's clone that pulls teachers and caches from a local
-remote and trains students without running the teacher or cache stages.
+One pipeline is built per module (with KDSWEEP_TRACE set, so every stage process records the
+params keys it read and the kdsweep modules it imported) and reused: the results, a no-op second
+repro, the traced reads against dvc.yaml, code and params edits that mark exactly the stages that
+run them, a one-method change, `dvc exp run -S`, a queue, and a teammate's clone that pulls
+teachers and caches from a local remote and trains students without running the teacher.
+Every test that edits the repository restores it, whatever happens.
 """
+
+from __future__ import annotations
 
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from kdsweep.config import parse_params
 from tests.conftest import tiny_raw
 
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -31,15 +40,23 @@ def e2e_params() -> dict:
         "ablation_alphas": [0.05],
         "ablation_methods": ["kd_top3"],
     }
-    raw["analysis"] = {"controls": ["ls_matched"], "n_boot": 100}
+    raw["analysis"] = {
+        "baseline": "ce",
+        "reference": "kd",
+        "controls": ["ls_matched"],
+        "n_boot": 100,
+        "ci": 0.95,
+        "seed": 0,
+    }
     return raw
 
 
-def run(cwd: Path, *cmd: str) -> str:
+def run(cwd: Path, *cmd: str, env: dict | None = None) -> str:
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "OMP_NUM_THREADS": "1",
+        **(env or {}),
     }
     res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, (
@@ -52,6 +69,24 @@ def stages_run(log: str) -> list[str]:
     return sorted(
         line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")
     )
+
+
+def changed_stages(repo: Path) -> list[str]:
+    """The stages `dvc status` reports as changed (their own deps, params or outputs)."""
+    shown = run(repo, "dvc", "status", "--json")
+    return sorted(json.loads(shown[shown.index("{") :]))
+
+
+@contextmanager
+def edited(repo: Path, rel: str, change) -> Iterator[None]:
+    """`change(text) -> text` applied to repo/rel for the block; restored afterwards, always."""
+    path = repo / rel
+    old = path.read_text()
+    path.write_text(change(old))
+    try:
+        yield
+    finally:
+        path.write_text(old)
 
 
 @pytest.fixture(scope="module")
@@ -70,27 +105,114 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run(repo, "dvc", "remote", "add", "-f", "-d", "local", str(root / "remote"))
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "init")
-    log = run(repo, "dvc", "repro")
+    log = run(repo, "dvc", "repro", env={"KDSWEEP_TRACE": str(root / "trace")})
     assert "prepare" in stages_run(log) and "aggregate" in stages_run(log)
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "repro")
     return repo
 
 
-def test_repro_produces_results_report_and_figures(repo):
+def expected_rows(raw: dict) -> int:
+    """One row per student: each swept method × its α × subset seeds × train seeds × τ."""
+    p = parse_params(raw)
+    swept = [*p.sweep.methods, *p.sweep.ablation_methods]
+    per_alpha = len(p.subset_seeds) * len(p.student.train_seeds)
+    return sum(len(p.alphas_of(m)) * per_alpha * len(p.methods[m].taus) for m in swept)
+
+
+def test_repro_produces_results_report_and_figures(repo: Path) -> None:
     runs = pq.read_table(repo / "data/results/runs.parquet")
-    assert runs.num_rows == (2 * 3 + 1) * 2  # (alphas × methods + ablation) × subset seeds
+    assert runs.num_rows == expected_rows(e2e_params())
     assert set(runs.column("method").to_pylist()) == {"ce", "kd", "ls_matched", "kd_top3"}
     metrics = json.loads((repo / "metrics.json").read_text())
-    assert metrics
+    assert metrics["n_runs"] == runs.num_rows
     report = (repo / "reports/report.md").read_text()
-    assert "kd" in report and "ls_matched" in report
+    assert "kd" in report and "ls_matched" in report and "top3" in report
     pngs = list((repo / "reports/figures").glob("*.png"))
     assert pngs and all(p.stat().st_size > 1000 for p in pngs)
 
 
-def test_second_repro_is_a_no_op(repo):
+def test_second_repro_is_a_no_op(repo: Path) -> None:
     assert stages_run(run(repo, "dvc", "repro")) == []
+
+
+def _declared(repo: Path) -> dict[str, dict]:
+    """Each stage's command, file deps and params keys, as DVC resolves them."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as r:
+        return {
+            st.name: {
+                "cmd": st.cmd,
+                "deps": {d.def_path for d in st.deps if not isinstance(d, ParamsDependency)},
+                "params": [k for d in st.deps if isinstance(d, ParamsDependency) for k in d.params],
+            }
+            for st in r.index.stages
+        }
+
+
+def test_each_stage_declares_every_key_it_read_and_module_it_imported(repo: Path) -> None:
+    """The trace of the repro in the fixture: what each stage process really read and ran."""
+    declared = _declared(repo)
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    by_cmd = {s["cmd"]: name for name, s in declared.items()}
+    seen = set()
+    for trace in sorted((repo.parent / "trace").glob("*.json")):
+        t = json.loads(trace.read_text())
+        name = by_cmd["python " + " ".join(t["argv"])]
+        seen.add(name)
+        stage = declared[name]
+        for key in t["keys"]:
+            cover = [d for d in stage["params"] if key == d or key.startswith(d + ".")]
+            assert cover, f"{name} read params key {key!r}, which dvc.yaml does not declare for it"
+            node = raw
+            for part in cover[0].split("."):
+                node = node[part]  # a KeyError: DVC tracks a key absent from params.yaml
+        for module in t["modules"]:
+            rel = Path(*module.split("."))
+            files = {f"src/{rel}/__init__.py", f"src/{rel}.py"}
+            assert files & stage["deps"], f"{name} imported {module}, not among its deps"
+    assert seen == set(declared), f"no trace of {set(declared) - seen}"
+
+
+@pytest.mark.parametrize(
+    ("rel", "expected"),
+    [
+        ("src/kdsweep/report/__init__.py", ["report"]),
+        ("src/kdsweep/teacher.py", ["cache@full", "cache@top3", "teacher"]),
+        ("src/kdsweep/losses.py", ["labels", "student@full", "student@top3"]),
+        ("src/kdsweep/stats.py", ["aggregate", "report"]),
+        ("src/kdsweep/data/sources.py", ["prepare"]),
+    ],
+)
+def test_code_edit_marks_exactly_the_stages_that_run_it(repo: Path, rel: str, expected) -> None:
+    with edited(repo, rel, lambda text: text + "\n# edited\n"):
+        assert changed_stages(repo) == expected
+    assert changed_stages(repo) == []
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        (("cache", "stores", "top3", "k"), 2, ["cache@top3", "student@top3"]),
+        (("cache", "views"), 2, ["cache@full", "cache@top3"]),
+        (("cache", "reference"), "top3", ["labels", "student@full", "student@top3"]),
+        (("analysis", "n_boot"), 50, ["aggregate", "report"]),
+    ],
+)
+def test_params_edit_marks_exactly_the_stages_that_read_it(repo, key, value, expected) -> None:
+    def change(text: str) -> str:
+        raw = yaml.safe_load(text)
+        node = raw
+        for part in key[:-1]:
+            node = node[part]
+        node[key[-1]] = value
+        return yaml.safe_dump(raw)
+
+    with edited(repo, "params.yaml", change):
+        assert changed_stages(repo) == expected
+    assert changed_stages(repo) == []
 
 
 def _rows(repo: Path) -> dict[tuple, dict]:
@@ -102,35 +224,45 @@ def _rows(repo: Path) -> dict[tuple, dict]:
     }
 
 
-def test_changing_one_method_reruns_students_but_no_teacher_or_cache(repo):
-    """Each student stage trains all methods of one α in one process, so a method's change re-runs
-    the student stages; every other method's rows come out identical (deterministic on CPU)."""
+def test_changing_one_method_reruns_students_but_no_teacher_or_cache(repo: Path) -> None:
+    """Every student stage reads `methods` (which methods exist, which store each reads), so a
+    method's change re-runs the student stages; every other method's rows come out identical."""
     before = _rows(repo)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["methods"]["kd"]["tau"] = 2
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    ran = stages_run(run(repo, "dvc", "repro"))
-    assert ran == ["ablation@0.05", "aggregate", "report", "student@0.05", "student@1.0"]
-    after = _rows(repo)
+
+    def change(text: str) -> str:
+        raw = yaml.safe_load(text)
+        raw["methods"]["kd"]["tau"] = 2
+        return yaml.safe_dump(raw)
+
+    try:
+        with edited(repo, "params.yaml", change):
+            ran = stages_run(run(repo, "dvc", "repro"))
+            assert ran == ["aggregate", "labels", "report", "student@full", "student@top3"]
+            after = _rows(repo)
+    finally:
+        run(repo, "git", "checkout", "dvc.lock")
+        run(repo, "dvc", "checkout", "-q")
     assert after.keys() == before.keys()
     for key, row in after.items():
         if key[0] == "kd":
             assert row["tau"] == 2 and before[key]["tau"] == 4
         else:
             assert row == before[key], key
-    run(repo, "git", "checkout", "params.yaml", "dvc.lock")
-    run(repo, "dvc", "checkout", "-q")
+    assert changed_stages(repo) == []
 
 
-def test_dvc_exp_run_with_a_param_and_exp_show(repo):
+def test_dvc_exp_run_with_a_param_and_exp_show(repo: Path) -> None:
     run(repo, "dvc", "exp", "run", "-S", "methods.kd.tau=1")
-    shown = run(repo, "dvc", "exp", "show", "--json")
-    exps = json.loads(shown[shown.index("[") :])
-    text = json.dumps(exps)
-    assert "metrics.json" in text and '"tau": 1' in text
+    try:
+        shown = run(repo, "dvc", "exp", "show", "--json")
+        text = json.dumps(json.loads(shown[shown.index("[") :]))
+        assert "metrics.json" in text and '"tau": 1' in text
+    finally:
+        run(repo, "git", "checkout", "params.yaml", "dvc.lock")
+        run(repo, "dvc", "checkout", "-q")
 
 
-def test_teammate_pulls_teachers_and_caches_and_never_runs_them(repo, tmp_path):
+def test_teammate_pulls_teachers_and_caches_and_never_runs_them(repo: Path, tmp_path: Path):
     run(repo, "dvc", "push", "-q")
     clone = tmp_path / "clone"
     run(tmp_path, "git", "clone", "-q", str(repo), str(clone))
@@ -138,17 +270,18 @@ def test_teammate_pulls_teachers_and_caches_and_never_runs_them(repo, tmp_path):
     assert (clone / "data/logits/full.zarr").is_dir()
     shown = run(clone, "dvc", "status", "--json")
     status = json.loads(shown[shown.index("{") :])
-    students = {k: v for k, v in status.items() if k.startswith(("student@", "ablation@"))}
+    students = {k: v for k, v in status.items() if k.startswith("student@") or k == "labels"}
     assert len(students) == 3  # their outputs were not pulled...
     for stage, changes in students.items():  # ...but every input they read was
         deps = [c["changed deps"] for c in changes if isinstance(c, dict) and "changed deps" in c]
         assert not deps, (stage, deps)  # e.g. the writer's lock files beside the stores
     ran = stages_run(run(clone, "dvc", "repro"))
     assert ran and not any(s.startswith(("prepare", "teacher", "cache")) for s in ran), ran
-    assert "aggregate" in ran and pq.read_table(clone / "data/results/runs.parquet").num_rows == 14
+    rows = pq.read_table(clone / "data/results/runs.parquet").num_rows
+    assert "aggregate" in ran and rows == expected_rows(e2e_params())
 
 
-def test_queued_experiments_run_in_parallel_workers(repo):
+def test_queued_experiments_run_in_parallel_workers(repo: Path) -> None:
     """`dvc exp run --queue` + `dvc queue start -j 2`: two τ values, two workers, both finish."""
     import time
 

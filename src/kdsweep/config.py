@@ -50,14 +50,15 @@ class Strict(BaseModel):
     fields can be traced as dotted keys."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
-    _path: str = PrivateAttr("")
+    _path: str | None = PrivateAttr(None)  # set once the whole params tree is validated
 
     def __getattribute__(self, name: str) -> Any:
         value = super().__getattribute__(name)
         if _READ is not None and not name.startswith("_"):
             field = type(self).model_fields.get(name)
-            if field is not None and not _is_section(value):
-                path = super().__getattribute__("_path")
+            private = super().__getattribute__("__pydantic_private__") or {}
+            path = private.get("_path")
+            if field is not None and path is not None and not _is_section(value):
                 _READ.add(f"{path}{'.' if path else ''}{field.alias or name}")
         return value
 

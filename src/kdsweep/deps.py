@@ -66,7 +66,7 @@ def closure(script: Path) -> set[Path]:
             if p not in seen:
                 seen.add(p)
                 todo.append(p)
-    return {p.relative_to(ROOT) for p in seen}
+    return {p.relative_to(ROOT) if p.is_relative_to(ROOT) else p for p in seen}
 
 
 def import_graph() -> dict[str, set[str]]:

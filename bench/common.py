@@ -1,0 +1,35 @@
+"""What the benchmarks share: a temporary copy of the repository to run `dvc repro` in."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def temp_repo(params_text: str, source: Path = REPO, prefix: str = "kdsweep-bench-") -> Path:
+    """A fresh git repository holding `source`'s pipeline (dvc.yaml, stages, src, DVC config)
+    and `params_text` as params.yaml, so a benchmark never touches the workspace."""
+    work = Path(tempfile.mkdtemp(prefix=prefix)) / "repo"
+    work.mkdir()
+    for item in ("dvc.yaml", "stages", "src", ".dvcignore", ".gitignore"):
+        src = source / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / item)
+    shutil.copytree(source / ".dvc", work / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    (work / "params.yaml").write_text(params_text)
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    return work
+
+
+def dvc_env(src: Path | None = None) -> dict[str, str]:
+    """The environment for `dvc repro`: this interpreter's tools first; with `src`, that
+    checkout's library shadows the installed one (to time another revision)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
+    return env
