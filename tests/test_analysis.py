@@ -10,37 +10,35 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pytest
+from pydantic import ValidationError
 
 from kdsweep.analysis import (
-    RUN_SCHEMA,
-    AnalysisSettings,
     Runs,
     analyse,
-    analysis_settings,
-    bootstrap_ci,
-    collect_runs,
-    data_efficiency_multiplier,
     hypothesis_assessment,
     hypothesis_verdicts,
-    median_multiplier,
-    read_runs,
-    relative_gain,
     summarize,
     summary_metrics,
     verdict,
-    write_parquet,
+)
+from kdsweep.config import STUDENTS_OF_LABELS, AnalysisParams
+from kdsweep.errors import KdsweepError
+from kdsweep.runs import RUN_SCHEMA, collect_runs, read_runs, write_parquet
+from kdsweep.stats import (
+    bootstrap_ci,
+    data_efficiency_multiplier,
+    median_multiplier,
+    relative_gain,
 )
 
-PARAMS: dict[str, Any] = {
-    "analysis": {
-        "baseline": "ce",
-        "reference": "kd",
-        "controls": ["ls_matched", "shuffled_dk", "top1_teacher"],
-        "n_boot": 400,
-        "ci": 0.95,
-        "seed": 0,
-    }
-}
+SETTINGS = AnalysisParams(
+    baseline="ce",
+    reference="kd",
+    controls=["ls_matched", "shuffled_dk", "top1_teacher"],
+    n_boot=400,
+    ci=0.95,
+    seed=0,
+)
 
 
 def run_row(**kw: Any) -> dict[str, Any]:
@@ -155,15 +153,16 @@ def table_of(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=RUN_SCHEMA)
 
 
-def write_students(root: Path, rows: list[dict[str, Any]]) -> Path:
-    """Lay rows out as the student stages do: one runs.json per α (`student-<α>/`)."""
+def write_students(root: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """Lay rows out as the student stages do, one stage per store (`<store>/runs.json`, `labels`
+    for the students of labels only); the stage names, in order of first appearance."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault(f"student-{r['alpha']}", []).append(r)
+        groups.setdefault(r["cache_name"] or STUDENTS_OF_LABELS, []).append(r)
     for name, g in groups.items():
         (root / name).mkdir(parents=True)
         (root / name / "runs.json").write_text(json.dumps(g))
-    return root
+    return list(groups)
 
 
 # --- bootstrap --------------------------------------------------------------------------------
@@ -293,7 +292,7 @@ def test_a_control_better_than_the_reference_exceeds_it() -> None:
 
 
 def test_hypothesis_assessment_reads_the_verdicts() -> None:
-    an = analyse(table_of(synthetic_rows()), PARAMS)
+    an = analyse(table_of(synthetic_rows()), SETTINGS)
     h = hypothesis_assessment(an.verdicts)
     assert h["controls"] == ["ls_matched", "shuffled_dk"]  # top1_teacher is not an LS control
     assert h["tested_alphas"] == [0.02, 0.1, 1.0]
@@ -335,7 +334,7 @@ def test_summarize_uses_perplexity_for_language_models() -> None:
 
 def test_mixed_tasks_are_refused() -> None:
     rows = [run_row(), run_row(task="lm", test_ppl=10.0)]
-    with pytest.raises(ValueError, match="mix tasks"):
+    with pytest.raises(KdsweepError, match="mix tasks"):
         Runs.from_table(table_of(rows))
 
 
@@ -347,7 +346,7 @@ def test_reference_with_several_taus_resolves_to_the_best() -> None:
 
 
 def test_summary_metrics_are_json_and_carry_the_headline_numbers() -> None:
-    m = summary_metrics(table_of(synthetic_rows()), PARAMS)
+    m = summary_metrics(table_of(synthetic_rows()), SETTINGS)
     json.dumps(m, allow_nan=False)
     assert m["n_runs"] == len(synthetic_rows())
     assert m["acc"]["ce"]["0.1"] == round(synthetic_acc("ce", None, None, 0.1, 1), 5)
@@ -364,7 +363,7 @@ def test_multiplier_rows_flag_censored_and_clamped() -> None:
     for r in rows:
         if r["method"] == "kd" and r["alpha"] == 0.02:
             r["test_acc"] -= 0.3  # worse than CE at the smallest α: α* clamped to 0.02
-    m = {x["alpha"]: x for x in analyse(table_of(rows), PARAMS).multipliers}
+    m = {x["alpha"]: x for x in analyse(table_of(rows), SETTINGS).multipliers}
     assert m[0.02]["clamped"] and not m[0.02]["censored"]
     assert m[0.02]["multiplier"] == pytest.approx(1.0)
     assert m[1.0]["censored"] and not m[1.0]["clamped"]
@@ -372,58 +371,99 @@ def test_multiplier_rows_flag_censored_and_clamped() -> None:
 
 
 def test_summary_metrics_without_the_baseline() -> None:
-    m = summary_metrics(table_of(synthetic_rows(methods={"kd"})), PARAMS)
+    m = summary_metrics(table_of(synthetic_rows(methods={"kd"})), SETTINGS)
     assert set(m) == {"n_runs", "acc"}
 
 
-def test_analysis_settings_defaults() -> None:
-    assert analysis_settings({}) == AnalysisSettings()
-    s = analysis_settings(PARAMS)
-    assert s.controls == ("ls_matched", "shuffled_dk", "top1_teacher") and s.n_boot == 400
+def test_analysis_params_defaults_and_bounds() -> None:
+    s = AnalysisParams()
+    assert (s.baseline, s.reference, s.controls) == ("ce", "kd", [])
+    assert (s.n_boot, s.ci, s.seed) == (2000, 0.95, 0)
+    for bad in ({"ci": 1.0}, {"ci": 0.0}, {"n_boot": 0}, {"n_bootstrap": 10}):
+        with pytest.raises(ValidationError):
+            AnalysisParams(**bad)
+
+
+def test_analyse_follows_its_settings() -> None:
+    table = table_of(synthetic_rows(methods={"ce", "kd", "shuffled_dk"}))
+    an = analyse(table, SETTINGS)
+    assert (an.baseline, an.reference) == ("ce", "kd")
+    assert {v["control"] for v in an.verdicts} == {"shuffled_dk"}
+    # swapping the roles turns the gain around; no control listed means no verdicts
+    swapped = analyse(table, AnalysisParams(baseline="kd", reference="ce"))
+    assert swapped.verdicts == []
+    gain = {g["alpha"]: g["gain"] for g in an.gains}
+    for g in swapped.gains:
+        assert g["gain"] < 0 < gain[g["alpha"]]
+    # a narrower interval at a lower confidence level
+    narrow = analyse(table, AnalysisParams(**SETTINGS.model_dump() | {"ci": 0.5}))
+    for wide_row, narrow_row in zip(an.summary, narrow.summary, strict=True):
+        assert (
+            wide_row["ci_high"] - wide_row["ci_low"] > narrow_row["ci_high"] - narrow_row["ci_low"]
+        )
 
 
 # --- collecting runs ---------------------------------------------------------------------------
 
 
 def test_collect_runs_and_parquet_round_trip(tmp_path: Path) -> None:
-    rows = synthetic_rows(methods={"ce", "kd"})
-    table = collect_runs(write_students(tmp_path / "students", rows))
+    rows = synthetic_rows(methods={"ce", "kd", "kd_top2"})
+    stages = write_students(tmp_path / "students", rows)
+    assert stages == ["labels", "full", "top2"]
+    table = collect_runs(tmp_path / "students", stages[::-1])
     assert table.schema == RUN_SCHEMA and table.num_rows == len(rows)
-    assert table.column("alpha").to_pylist()[0] == 0.02  # "student-0.02" sorts first
+    # stages are read in the order given, each stage's rows in file order
+    methods = table.column("method").to_pylist()
+    assert methods == ["kd_top2"] * 6 + ["kd"] * 9 + ["ce"] * 9
     out = tmp_path / "results" / "runs.parquet"
     write_parquet(table, out)
     assert read_runs(out).equals(table)
     assert [p.name for p in out.parent.iterdir()] == ["runs.parquet"]  # no temp file left
 
 
+def test_collect_runs_reads_only_the_stages_it_is_given(tmp_path: Path) -> None:
+    stages = write_students(tmp_path, synthetic_rows(methods={"ce", "kd"}))
+    (tmp_path / "removed_store").mkdir()  # left behind by a store no longer in params.yaml
+    (tmp_path / "removed_store" / "runs.json").write_text(json.dumps([run_row(run_id="stale")]))
+    table = collect_runs(tmp_path, stages)
+    assert "stale" not in table.column("run_id").to_pylist()
+    assert collect_runs(tmp_path, ["labels"]).num_rows == 9
+    with pytest.raises(KdsweepError, match=r"top3/runs\.json'\] are missing: run `dvc repro`"):
+        collect_runs(tmp_path, [*stages, "top3"])
+
+
 def test_collect_runs_names_the_file_and_the_missing_key(tmp_path: Path) -> None:
     rows = synthetic_rows(methods={"ce"})
     del rows[-1]["test_kl"]
-    write_students(tmp_path, rows)
+    stages = write_students(tmp_path, rows)
     with pytest.raises(
-        ValueError, match=r"student-1\.0/runs\.json: row 2 is missing key\(s\) \['test_kl'\]"
+        KdsweepError, match=r"labels/runs\.json: row 8 is missing key\(s\) \['test_kl'\]"
     ):
-        collect_runs(tmp_path)
+        collect_runs(tmp_path, stages)
 
 
 def test_collect_runs_names_an_unexpected_key_and_a_bad_type(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "runs.json").write_text(json.dumps([run_row(extra=1)]))
-    with pytest.raises(ValueError, match=r"unexpected key\(s\) \['extra'\]"):
-        collect_runs(tmp_path)
+    with pytest.raises(KdsweepError, match=r"unexpected key\(s\) \['extra'\]"):
+        collect_runs(tmp_path, ["a"])
     (tmp_path / "a" / "runs.json").write_text(json.dumps([run_row(test_acc="high")]))
-    with pytest.raises(ValueError, match="a/runs.json: a value has the wrong type"):
-        collect_runs(tmp_path)
+    with pytest.raises(KdsweepError, match="a/runs.json: a value has the wrong type"):
+        collect_runs(tmp_path, ["a"])
 
 
 def test_collect_runs_without_runs_fails_clearly(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="no student runs"):
-        collect_runs(tmp_path)
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "runs.json").write_text("[]")
+    with pytest.raises(KdsweepError, match="no student runs"):
+        collect_runs(tmp_path, ["labels"])
+    with pytest.raises(KdsweepError, match="no student runs"):
+        collect_runs(tmp_path, [])
 
 
 def test_read_runs_refuses_a_stale_file(tmp_path: Path) -> None:
     write_parquet(table_of([run_row()]).drop_columns(["ece"]), tmp_path / "r.parquet")
-    with pytest.raises(ValueError, match=r"lacks column\(s\) \['ece'\]"):
+    with pytest.raises(KdsweepError, match=r"lacks column\(s\) \['ece'\]"):
         read_runs(tmp_path / "r.parquet")
 
 
@@ -432,7 +472,7 @@ def test_hypothesis_assessment_when_the_shortfall_peaks_at_a_larger_alpha() -> N
     for r in rows:
         if r["method"] in ("ls_matched", "shuffled_dk") and r["alpha"] == 0.1:
             r["test_acc"] -= 0.2
-    h = hypothesis_assessment(analyse(table_of(rows), PARAMS).verdicts)
+    h = hypothesis_assessment(analyse(table_of(rows), SETTINGS).verdicts)
     dk = h["dark_knowledge"]
     assert dk["supported_at"] == [0.1] and dk["verdict"] == "partly supported"
     assert dk["largest_shortfall_alpha"] == 0.1 and not dk["largest_at_smallest_alpha"]

@@ -1,9 +1,15 @@
+import json
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 from typer.testing import CliRunner
 
 from kdsweep.cli import app
+from tests.conftest import tiny_raw
 
+ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
@@ -41,18 +47,57 @@ def test_results_filters_by_method_and_alpha(tmp_path):
     assert "1 runs" in res.output
 
 
-def test_student_trains_several_methods_in_one_process(workspace):
-    import json
-
-    import yaml
-
-    from tests.conftest import tiny_raw
-
-    (workspace / "params.yaml").write_text(yaml.safe_dump(tiny_raw()))
-    res = runner.invoke(app, ["student", "0.05", "ce", "kd", "--out-dir", "out"])
+def test_student_trains_every_method_reading_a_store_in_one_process(workspace):
+    raw = tiny_raw()
+    raw["sweep"]["methods"] = ["ce", "kd", "ls_matched"]  # kd and ls_matched both read `full`
+    (workspace / "params.yaml").write_text(yaml.safe_dump(raw))
+    res = runner.invoke(app, ["student", "full", "--out-dir", "out"])
     assert res.exit_code == 0, res.output
     rows = json.loads((workspace / "out/runs.json").read_text())
-    assert sorted(r["method"] for r in rows) == ["ce"] * 2 + ["kd"] * 4  # kd: τ ∈ {1, 4}
-    res = runner.invoke(app, ["student", "0.05", "kdd", "--out-dir", "out2"])
-    assert res.exit_code == 1 and "kdd" in res.output and "not in params.yaml" in res.output
-    assert not (workspace / "out2").exists()
+    # at every α of the main sweep and both subset seeds; kd: τ ∈ {1, 4}
+    assert sorted(r["method"] for r in rows) == ["kd"] * 8 + ["ls_matched"] * 4
+    assert {(r["alpha"], r["subset_seed"]) for r in rows} == {
+        (a, s) for a in (0.05, 1.0) for s in (0, 1)
+    }
+    assert {r["cache_name"] for r in rows} == {"full"}
+    assert {r["tau"] for r in rows if r["method"] == "kd"} == {1.0, 4.0}
+
+
+def test_student_of_labels_and_of_an_ablation_store(workspace):
+    (workspace / "params.yaml").write_text(yaml.safe_dump(tiny_raw()))
+    res = runner.invoke(app, ["student", "labels", "--out-dir", "labels"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((workspace / "labels/runs.json").read_text())
+    assert [r["method"] for r in rows] == ["ce"] * 4 and {r["cache_name"] for r in rows} == {None}
+    res = runner.invoke(app, ["student", "top3", "--out-dir", "top3"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((workspace / "top3/runs.json").read_text())
+    # an ablation method trains at sweep.ablation_alphas only
+    assert [(r["method"], r["alpha"], r["k"]) for r in rows] == [("kd_top3", 0.05, 3)] * 2
+
+
+def test_student_of_an_unknown_store_is_a_clear_error(workspace):
+    (workspace / "params.yaml").write_text(yaml.safe_dump(tiny_raw()))
+    res = runner.invoke(app, ["student", "top9", "--out-dir", "out"])
+    assert res.exit_code == 1
+    assert (
+        "store 'top9' is not one of cache.stores (full, random_head, sampled4, top3)" in res.output
+    )
+    assert not (workspace / "out").exists()
+
+
+def test_deps_lists_the_report_stage_sources():
+    res = runner.invoke(app, ["deps", str(ROOT / "stages/report.py")])
+    assert res.exit_code == 0, res.output
+    files = set(res.output.splitlines())
+    assert {
+        "stages/report.py",
+        "src/kdsweep/report/__init__.py",
+        "src/kdsweep/report/figures.py",
+        "src/kdsweep/report/text.py",
+        "src/kdsweep/analysis.py",
+        "src/kdsweep/cache/summary.py",
+    } <= files
+    # the report reads summaries, never a store, and trains nothing: no torch-side modules
+    assert "src/kdsweep/teacher.py" not in files
+    assert "src/kdsweep/cache/reader.py" not in files

@@ -3,37 +3,64 @@
 from __future__ import annotations
 
 import csv
-import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kdsweep.analysis import analyse, hypothesis_assessment, write_parquet
+import pytest
+
+from kdsweep.analysis import analyse, hypothesis_assessment
+from kdsweep.cache.summary import CacheSummary
+from kdsweep.config import AnalysisParams
+from kdsweep.errors import KdsweepError
 from kdsweep.report import write_report
-from tests.test_analysis import PARAMS, synthetic_rows, table_of
+from kdsweep.runs import write_parquet
+from tests.test_analysis import SETTINGS, synthetic_rows, table_of
+
+
+def _summary(name: str, kind: str, k: int | None, bytes_per_row: float) -> CacheSummary:
+    return CacheSummary(
+        name=name,
+        kind=kind,
+        k=k,
+        dtype="float16",
+        teacher="main",
+        bytes_on_disk=1234567,
+        bytes_per_row=bytes_per_row,
+        compression_ratio=1.5,
+        teacher_test_acc=0.97 if kind == "full" else None,
+        num_rows=50000,
+    )
+
 
 CACHES = [
-    {"name": "full", "kind": "full", "k": None, "bytes_per_row": 20.0},
-    {"name": "top2", "kind": "topk", "k": 2, "bytes_per_row": 4.0},
-    {"name": "top4", "kind": "topk", "k": 4, "bytes_per_row": 7.0},
-    {"name": "sampled4", "kind": "sampled", "k": 4, "bytes_per_row": 1.0},
+    _summary("full", "full", None, 20.0),
+    _summary("top2", "topk", 2, 4.0),
+    _summary("top4", "topk", 4, 7.0),
+    _summary("sampled4", "sampled", 4, 1.0),
 ]
+STORES = [c.name for c in CACHES]
 
 
-def _write_caches(logits: Path) -> Path:
-    logits.mkdir()
+def _write_summaries(summaries: Path) -> Path:
+    """The cache stages' summaries, as `<summaries>/<store>.json`."""
     for c in CACHES:
-        info = c | {"dtype": "float16", "teacher": "main", "bytes_on_disk": 1000}
-        info |= {"compression_ratio": 1.5, "teacher_test_acc": 0.97, "num_rows": 50}
-        (logits / f"{c['name']}.json").write_text(json.dumps(info))
-    return logits
+        c.write(summaries / f"{c.name}.json")
+    return summaries
 
 
-def _report(tmp_path: Path, rows: list[dict[str, Any]], logits: Path | None) -> tuple[str, Path]:
+def _report(
+    tmp_path: Path,
+    rows: list[dict[str, Any]],
+    summaries: Path | None = None,
+    stores: Sequence[str] = (),
+    settings: AnalysisParams = SETTINGS,
+) -> tuple[str, Path]:
     parquet = tmp_path / "runs.parquet"
     write_parquet(table_of(rows), parquet)
     out = tmp_path / "reports"
-    path = write_report(parquet, PARAMS, out, logits)
+    path = write_report(parquet, settings, out, summaries, stores)
     assert path == out / "report.md"
     return path.read_text(), out
 
@@ -48,7 +75,7 @@ def _figures(md: str, out: Path) -> list[Path]:
 
 def test_full_report(tmp_path: Path) -> None:
     rows = synthetic_rows()
-    md, out = _report(tmp_path, rows, _write_caches(tmp_path / "logits"))
+    md, out = _report(tmp_path, rows, _write_summaries(tmp_path / "summaries"), STORES)
     names = {p.name for p in _figures(md, out)}
     assert names == {
         "score_vs_alpha.png",
@@ -84,11 +111,14 @@ def test_full_report(tmp_path: Path) -> None:
     assert "At α=1, **shuffled_dk matches kd**" in md
     assert "At α=0.02, **ls_matched matches kd**" in md
     assert "**top1_teacher falls short of kd**" in md  # an "other" control, not an LS one
-    h = hypothesis_assessment(analyse(table_of(rows), PARAMS).verdicts)
+    h = hypothesis_assessment(analyse(table_of(rows), SETTINGS).verdicts)
     assert f"**Verdict: {h['label_smoothing']['verdict']}**" in md
     assert f"**Verdict: {h['dark_knowledge']['verdict']}**" in md
     assert "largest at α=0.02" in md and "the smallest α tested" in md
-    assert "| top2 | topk | 2 |" in md
+    # one row per store, every field of its summary
+    assert "| full | full | — | float16 | main | 1,234,567 | 20 | 1.5x | 0.97 | 50,000 |" in md
+    assert "| top2 | topk | 2 | float16 | main | 1,234,567 | 4 | 1.5x | — | 50,000 |" in md
+    assert md.index("| full | full |") < md.index("| top2 | topk |") < md.index("| sampled4 |")
     acc = list(csv.DictReader((out / "plots" / "accuracy.csv").read_text().splitlines()))
     assert len(acc) == len({(r["method"], r["tau"], r["alpha"]) for r in rows})
     assert set(acc[0]) == {"alpha", "variant", "score", "ci_low", "ci_high"}
@@ -98,7 +128,7 @@ def test_full_report(tmp_path: Path) -> None:
 
 
 def test_minimal_report_with_only_ce_and_kd(tmp_path: Path) -> None:
-    md, out = _report(tmp_path, synthetic_rows(methods={"ce", "kd"}), tmp_path / "absent")
+    md, out = _report(tmp_path, synthetic_rows(methods={"ce", "kd"}), tmp_path / "absent", [])
     names = {p.name for p in _figures(md, out)}
     assert names == {"score_vs_alpha.png", "relative_gain.png", "multiplier.png"}
     assert "Not tested" in md and "### Hypothesis:" not in md and "## Logit caches" not in md
@@ -107,7 +137,7 @@ def test_minimal_report_with_only_ce_and_kd(tmp_path: Path) -> None:
 
 
 def test_report_without_the_baseline(tmp_path: Path) -> None:
-    md, out = _report(tmp_path, synthetic_rows(methods={"kd", "ls"}), None)
+    md, out = _report(tmp_path, synthetic_rows(methods={"kd", "ls"}))
     assert "Not available: no α at which both the baseline (ce) and the reference (kd)" in md
     assert "Not available: the baseline (ce) or the reference (kd) has no runs." in md
     assert "baseline **ce (absent)**" in md
@@ -116,7 +146,7 @@ def test_report_without_the_baseline(tmp_path: Path) -> None:
 
 def test_report_for_language_models_uses_perplexity(tmp_path: Path) -> None:
     rows = synthetic_rows(methods={"ce", "kd", "shuffled_dk"}, task="lm")
-    md, out = _report(tmp_path, rows, None)
+    md, out = _report(tmp_path, rows)
     _figures(md, out)
     assert "## Results: test perplexity (lower is better)" in md
     assert "(base − ref)/base" in md
@@ -128,11 +158,22 @@ def test_report_for_language_models_uses_perplexity(tmp_path: Path) -> None:
 
 def test_report_names_the_tuned_reference_and_single_seed_verdicts(tmp_path: Path) -> None:
     rows = synthetic_rows(methods={"ce", "kd_tau", "ls_matched"}, seeds=(0,))
-    parquet = tmp_path / "runs.parquet"
-    write_parquet(table_of(rows), parquet)
-    params = {"analysis": PARAMS["analysis"] | {"reference": "kd_tau"}}
-    md = write_report(parquet, params, tmp_path / "out").read_text()
+    settings = AnalysisParams(**SETTINGS.model_dump() | {"reference": "kd_tau"})
+    md, _ = _report(tmp_path, rows, settings=settings)
     assert "`kd_tau` sweeps τ: the reference is its variant with the best mean" in md
     assert "## Relative gain of kd_tau(τ=16) over ce" in md
     assert "**ls_matched cannot be compared (fewer than 2 students) with kd_tau(τ=16)**" in md
     assert "**Verdict: not supported**" in md  # undetermined supports neither explanation
+
+
+def test_report_shows_the_summaries_of_the_listed_stores_only(tmp_path: Path) -> None:
+    summaries = _write_summaries(tmp_path / "summaries")  # top4 was removed from params.yaml
+    md, _ = _report(tmp_path, synthetic_rows(methods={"ce", "kd"}), summaries, ["full", "top2"])
+    assert "## Logit caches" in md and "| top2 | topk |" in md and "| top4 |" not in md
+
+
+def test_report_refuses_a_missing_summary(tmp_path: Path) -> None:
+    summaries = _write_summaries(tmp_path / "summaries")
+    rows = synthetic_rows(methods={"ce", "kd"})
+    with pytest.raises(KdsweepError, match=r"top8\.json is missing: run `dvc repro`"):
+        _report(tmp_path, rows, summaries, ["full", "top8"])

@@ -1,0 +1,242 @@
+"""The report's figures (DESIGN.md §6), built on matplotlib Figures without pyplot: no global
+state and no GUI backend, so a stage can draw them anywhere; the PNGs render through Agg."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter, PercentFormatter
+
+from kdsweep.analysis import Analysis
+from kdsweep.cache.summary import CacheSummary
+from kdsweep.report.common import Row, cells, score_label, variant_order
+from kdsweep.stats import median_multiplier
+
+ABLATION_KINDS = ("topk", "sampled")
+
+
+def draw_figures(an: Analysis, caches: Sequence[CacheSummary], fig_dir: Path) -> dict[str, Path]:
+    """The PNGs under `fig_dir` that the runs support, by name: "score" always; "gain" and
+    "multiplier" with a baseline and a reference; "tau" with a temperature sweep; "cache" with
+    a cache-kind ablation (plus bytes per row when the cache summaries are given)."""
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    figures = {"score": _plot_scores(an, fig_dir / "score_vs_alpha.png")}
+    if an.gains:
+        figures["gain"] = _plot_gain(an, fig_dir / "relative_gain.png")
+    if an.multipliers:
+        figures["multiplier"] = _plot_multiplier(an, fig_dir / "multiplier.png")
+    if _temperature_families(an.summary):
+        figures["tau"] = _plot_temperature(an, fig_dir / "temperature_sweep.png")
+    if any(r["cache_kind"] in ABLATION_KINDS for r in an.summary):
+        figures["cache"] = _plot_cache(an, caches, fig_dir / "cache_ablation.png")
+    return figures
+
+
+def _temperature_families(summary: Sequence[Row]) -> dict[tuple[Any, ...], dict[float, list[Row]]]:
+    """Students that differ only in τ — same loss, cache, λ and top-k mode, across methods, so
+    kd(τ=4) and kd_tau(τ=1, 16) form one sweep — at each α where ≥ 2 distinct τ exist."""
+    fams: dict[tuple[Any, ...], dict[float, list[Row]]] = {}
+    for r in summary:
+        if r["tau"] is not None:
+            key = (r["loss"], r["cache_name"], r["lam"], r["topk_mode"])
+            fams.setdefault(key, {}).setdefault(r["alpha"], []).append(r)
+    out = {}
+    for key, by_alpha in fams.items():
+        swept = {a: rows for a, rows in by_alpha.items() if len({r["tau"] for r in rows}) > 1}
+        if swept:
+            out[key] = swept
+    return out
+
+
+def _full_reference(summary: Sequence[Row], r: Row) -> Row | None:
+    """The full-cache student with the same loss, λ, τ, teacher and α as an ablation row."""
+    keys = ("loss", "lam", "tau", "teacher_id", "alpha")
+    for s in summary:
+        if s["cache_kind"] == "full" and all(s[k] == r[k] for k in keys):
+            return s
+    return None
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _log_alpha_axis(ax: Axes) -> None:
+    ax.set_xscale("log")
+    ax.set_xlabel("α (fraction of the training set)")
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _plot_scores(an: Analysis, path: Path) -> Path:
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
+    colors = matplotlib.colormaps["tab10"].colors
+    for i, v in enumerate(variant_order(an)):
+        rows = [r for r in an.summary if r["variant"] == v]
+        a = [r["alpha"] for r in rows]
+        main = v in (an.baseline, an.reference)
+        c, marker = colors[i % len(colors)], "osD^v"[i // len(colors) % 5]
+        ax.plot(
+            a, [r["mean"] for r in rows], f"{marker}-", color=c, lw=2.5 if main else 1.2, label=v
+        )
+        ax.fill_between(
+            a, [r["ci_low"] for r in rows], [r["ci_high"] for r in rows], color=c, alpha=0.15
+        )
+    _log_alpha_axis(ax)
+    ax.set_ylabel(score_label(an))
+    ax.set_title(f"{score_label(an)} vs α ({an.settings.ci:.0%} bootstrap CI over seeds)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return _save(fig, path)
+
+
+def _plot_gain(an: Analysis, path: Path) -> Path:
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    g = an.gains
+    a = [x["alpha"] for x in g]
+    ax.plot(a, [x["gain"] for x in g], "o-", color="C0", label=f"{an.reference} over {an.baseline}")
+    ax.fill_between(a, [x["ci_low"] for x in g], [x["ci_high"] for x in g], color="C0", alpha=0.2)
+    ax.axhline(0, color="k", lw=0.8)
+    _log_alpha_axis(ax)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_ylabel("relative gain")
+    ax.legend()
+    return _save(fig, path)
+
+
+def _plot_multiplier(an: Analysis, path: Path) -> Path:
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    m = an.multipliers
+    ax.plot([x["alpha"] for x in m], [x["multiplier"] for x in m], "-", color="C0", alpha=0.6)
+    styles = {
+        "measured": ("o", "C0", lambda x: not x["censored"] and not x["clamped"]),
+        "censored (lower bound)": ("^", "C3", lambda x: x["censored"]),
+        "clamped (upper bound)": ("v", "C1", lambda x: x["clamped"]),
+    }
+    for label, (marker, color, pick) in styles.items():
+        pts = [x for x in m if pick(x)]
+        if pts:
+            xs, ys = [x["alpha"] for x in pts], [x["multiplier"] for x in pts]
+            ax.scatter(xs, ys, marker=marker, s=60, color=color, label=label, zorder=3)
+    med, lower = median_multiplier([x["multiplier"] for x in m], [x["censored"] for x in m])
+    ax.axhline(
+        med, color="C2", ls=":", label=f"median {med:.3g}{' (lower bound)' if lower else ''}"
+    )
+    ax.axhline(1, color="k", lw=0.8)
+    _log_alpha_axis(ax)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.set_ylabel(f"data-efficiency multiplier α*/α ({an.reference} vs {an.baseline})")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _plot_temperature(an: Analysis, path: Path) -> Path:
+    fams = _temperature_families(an.summary)
+    swept = sorted({a for by_alpha in fams.values() for a in by_alpha})
+    panels = sorted({swept[0], swept[-1]})
+    fig = Figure(figsize=(6 * len(panels), 4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    for ax, alpha in zip(axes[0], panels, strict=True):
+        taus = sorted({r["tau"] for by_alpha in fams.values() for r in by_alpha.get(alpha, [])})
+        x_inf = taus[-1] * 4
+        for i, (key, by_alpha) in enumerate(fams.items()):
+            rows = sorted(by_alpha.get(alpha, []), key=lambda r: r["tau"])
+            if rows:
+                loss, cache, lam, mode = key
+                lam_s = "" if lam is None else f", λ={lam:g}"
+                label = f"{loss} ({cache}{', ' + mode if mode else ''}{lam_s})"
+                _errorbar(ax, [r["tau"] for r in rows], rows, f"C{i}", "o-", label)
+        for r in (r for r in an.summary if r["loss"] == "logit_mse" and r["alpha"] == alpha):
+            _errorbar(ax, [x_inf], [r], "k", "s", f"{r['variant']} (τ=∞)")
+        base = cells(an).get((an.baseline, alpha)) if an.baseline else None
+        if base:
+            ax.axhline(base["mean"], color="grey", ls="--", label=f"{an.baseline}")
+        ax.set_xscale("log")
+        ticks = [*taus, x_inf]
+        ax.set_xticks(ticks, [f"{t:g}" for t in taus] + ["∞"])
+        ax.minorticks_off()
+        ax.set_xlabel("temperature τ")
+        ax.set_ylabel(score_label(an))
+        ax.set_title(f"α = {alpha:g}")
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _errorbar(
+    ax: Axes, x: Sequence[float], rows: Sequence[Row], color: Any, fmt: str, label: str
+) -> None:
+    y = np.array([r["mean"] for r in rows])
+    err = np.array(
+        [[r["mean"] - r["ci_low"] for r in rows], [r["ci_high"] - r["mean"] for r in rows]]
+    )
+    ax.errorbar(x, y, yerr=err, fmt=fmt, color=color, capsize=3, label=label)
+
+
+def _k_axis(ax: Axes, ks: Sequence[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(set(ks)), [str(k) for k in sorted(set(ks))])
+    ax.minorticks_off()
+    ax.set_xlabel("k (teacher entries kept per row)")
+
+
+def _ablation_key(r: Row) -> tuple[Any, ...]:
+    return (r["cache_kind"], r["loss"], r["topk_mode"], r["tau"], r["lam"])
+
+
+def _plot_cache(an: Analysis, caches: Sequence[CacheSummary], path: Path) -> Path:
+    """One score-vs-k panel per ablation α (full-cache students as black lines), then bytes/row
+    vs k; the colour is the cache kind in every panel."""
+    abl = [r for r in an.summary if r["cache_kind"] in ABLATION_KINDS]
+    color = {kind: f"C{i}" for i, kind in enumerate(ABLATION_KINDS)}
+    alphas = sorted({r["alpha"] for r in abl})
+    n = len(alphas) + bool(caches)
+    fig = Figure(figsize=(5.5 * n, 4))
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    keys = sorted({_ablation_key(r) for r in abl}, key=repr)
+    for ax, alpha in zip(axes, alphas, strict=False):
+        refs: dict[str, Row] = {}
+        for i, key in enumerate(keys):
+            rows = [r for r in abl if r["alpha"] == alpha and _ablation_key(r) == key]
+            if rows:
+                rows.sort(key=lambda r: r["k"])
+                kind, loss, mode, tau, _ = key
+                label = f"{loss} {kind}{'/' + mode if mode else ''} τ={tau:g}"
+                fmt = "osD^v"[i % 5] + "-"
+                _errorbar(ax, [r["k"] for r in rows], rows, color[kind], fmt, label)
+                ref = _full_reference(an.summary, rows[0])
+                if ref:
+                    refs[ref["variant"]] = ref
+        for j, ref in enumerate(refs.values()):
+            ls = ("--", ":", "-.")[j % 3]
+            ax.axhline(ref["mean"], color="k", ls=ls, label=f"full cache: {ref['variant']}")
+        _k_axis(ax, [r["k"] for r in abl])
+        ax.set_ylabel(score_label(an))
+        ax.set_title(f"score vs k, α = {alpha:g}")
+        ax.legend(fontsize=7)
+    if caches:
+        ax = axes[-1]
+        for kind in ABLATION_KINDS:
+            pts = sorted((c.k, c.bytes_per_row) for c in caches if c.kind == kind)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), "o-", color=color[kind], label=kind)
+        for j, c in enumerate(c for c in caches if c.kind == "full"):
+            ls = ("--", ":", "-.")[j % 3]
+            ax.axhline(c.bytes_per_row, color="k", ls=ls, label=f"full: {c.name}")
+        _k_axis(ax, [c.k for c in caches if c.kind in ABLATION_KINDS])
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.set_ylabel("bytes per row on disk (compressed)")
+        ax.set_title("cache size vs k")
+        ax.legend(fontsize=7)
+    return _save(fig, path)

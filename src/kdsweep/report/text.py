@@ -1,0 +1,83 @@
+"""report.md: the template templates/report.md.j2 rendered with an Analysis (DESIGN.md §6).
+
+The template holds all the wording and lays the numbers out; every number comes from
+kdsweep.analysis and kdsweep.stats, so the text can never disagree with the metrics file. This
+module only hands them over (`_context`) with a few formatting filters. The template is package
+data, found through the installed package (Jinja2's PackageLoader), not through the source tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from jinja2 import Environment, PackageLoader, StrictUndefined
+
+from kdsweep.analysis import FIDELITY, Analysis, hypothesis_assessment
+from kdsweep.cache.summary import CacheSummary
+from kdsweep.report.common import Row, cells, score_label, variant_order
+from kdsweep.stats import median_multiplier
+
+
+def _number(x: float | None) -> str:
+    """4 significant digits; a dash where there is no value."""
+    return "—" if x is None else f"{x:.4g}"
+
+
+def _alpha_set(alphas: Sequence[float]) -> str:
+    return "{" + ", ".join(f"{a:g}" for a in alphas) + "}"
+
+
+def _half_width(row: Row) -> float:
+    return (row["ci_high"] - row["ci_low"]) / 2
+
+
+_ENV = Environment(
+    loader=PackageLoader("kdsweep.report"),  # kdsweep/report/templates/
+    autoescape=False,  # markdown, not HTML
+    undefined=StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+)
+_ENV.filters |= {
+    "fmt": format,  # {{ x|fmt("+.2%") }} is format(x, "+.2%")
+    "number": _number,
+    "alpha_set": _alpha_set,
+    "half_width": _half_width,
+}
+
+
+def _context(
+    an: Analysis, caches: Sequence[CacheSummary], figures: Mapping[str, str]
+) -> dict[str, Any]:
+    rows = an.runs.rows
+    order = variant_order(an)
+    rank = {v: i for i, v in enumerate(order)}
+    m = an.multipliers
+    return {
+        "an": an,
+        "settings": an.settings,
+        "caches": caches,
+        "figures": figures,
+        "score_label": score_label(an),
+        "first_run": rows[0],
+        "n_seed_pairs": len({(r["subset_seed"], r["train_seed"]) for r in rows}),
+        "git_revs": sorted({r["git_rev"] for r in rows}),
+        "alphas": sorted({r["alpha"] for r in rows}),
+        "variants": order,
+        "cells": cells(an),
+        "median": (
+            median_multiplier([x["multiplier"] for x in m], [x["censored"] for x in m])
+            if m
+            else None
+        ),
+        "hypotheses": hypothesis_assessment(an.verdicts),
+        "fidelity_columns": [c for c in FIDELITY if any(r[c] is not None for r in an.summary)],
+        "fidelity_rows": sorted(an.summary, key=lambda r: (rank[r["variant"]], r["alpha"])),
+    }
+
+
+def markdown(an: Analysis, caches: Sequence[CacheSummary], figures: Mapping[str, str]) -> str:
+    """report.md; `figures` maps the names draw_figures gives to paths relative to the report."""
+    return _ENV.get_template("report.md.j2").render(_context(an, caches, figures))
