@@ -7,7 +7,9 @@ changes and only then. Edges of the closure:
   including `from kdsweep.pkg import name` where `name` is a submodule;
 - a package's `__init__.py` for every module inside it (Python runs it on import);
 - registry loads: a module that calls `<REGISTRY>.load(` depends on the `impl` module of every
-  entry of that registry (kdsweep.registry), since which one runs is decided by params.
+  entry of that registry (kdsweep.registry), since which one runs is decided by params;
+- package data: a module that loads templates through Jinja2's `PackageLoader` depends on every
+  file under its package's `templates/` folder.
 """
 
 from __future__ import annotations
@@ -56,12 +58,21 @@ def _imports(path: Path) -> set[str]:
     return modules
 
 
+def _templates(path: Path) -> set[Path]:
+    if "PackageLoader(" not in path.read_text():
+        return set()
+    return {p for p in (path.parent / "templates").rglob("*") if p.is_file()}
+
+
 def closure(script: Path) -> set[Path]:
-    """The project source files `script` runs (itself included), relative to the repository."""
+    """The project files `script` runs or reads as code (itself included), relative to the
+    repository."""
     seen: set[Path] = {Path(script).resolve()}
     todo = [Path(script).resolve()]
     while todo:
-        for m in _imports(todo.pop()):
+        path = todo.pop()
+        seen |= _templates(path)
+        for m in _imports(path):
             p = module_path(m)
             if p not in seen:
                 seen.add(p)
