@@ -16,8 +16,6 @@ from kdsweep.analysis import (
     Runs,
     analyse,
     hypothesis_assessment,
-    hypothesis_verdicts,
-    summarize,
     summary_metrics,
     verdict,
 )
@@ -270,9 +268,8 @@ def _by(rows: list[dict[str, Any]], control: str, alpha: float) -> dict[str, Any
 
 @pytest.mark.parametrize("task", ["vision", "lm"])
 def test_verdicts_on_synthetic_controls(task: str) -> None:
-    rows = hypothesis_verdicts(
-        table_of(synthetic_rows(task=task)), "kd", ["ls_matched", "shuffled_dk"], 500, 0.95, 0
-    )
+    settings = AnalysisParams(reference="kd", controls=["ls_matched", "shuffled_dk"], n_boot=500)
+    rows = analyse(table_of(synthetic_rows(task=task)), settings).verdicts
     assert {(r["control"], r["alpha"]) for r in rows} == {
         (c, a) for c in ("ls_matched", "shuffled_dk") for a in (0.02, 0.1, 1.0)
     }
@@ -287,7 +284,8 @@ def test_a_control_better_than_the_reference_exceeds_it() -> None:
     for r in rows:
         if r["method"] == "ls_matched":
             r["test_acc"] += 0.05
-    (v, *_) = hypothesis_verdicts(table_of(rows), "kd", ["ls_matched"], 500, 0.95, 0)
+    settings = AnalysisParams(reference="kd", controls=["ls_matched"], n_boot=500)
+    (v, *_) = analyse(table_of(rows), settings).verdicts
     assert v["verdict"] == "exceeds" and v["advantage"] == pytest.approx(-0.05)
 
 
@@ -315,7 +313,7 @@ def test_variants_label_temperature_sweeps_only() -> None:
 
 
 def test_summarize_groups_by_variant_and_alpha() -> None:
-    summary = summarize(table_of(synthetic_rows()), 500, 0.95, 0)
+    summary = analyse(table_of(synthetic_rows()), AnalysisParams(n_boot=500)).summary
     by = {(r["variant"], r["alpha"]): r for r in summary}
     ce = by[("ce", 0.1)]
     assert ce["n"] == 3 and ce["score_name"] == "test_acc"
@@ -327,7 +325,8 @@ def test_summarize_groups_by_variant_and_alpha() -> None:
 
 
 def test_summarize_uses_perplexity_for_language_models() -> None:
-    summary = summarize(table_of(synthetic_rows(task="lm", methods={"ce"})), 100, 0.95, 0)
+    table = table_of(synthetic_rows(task="lm", methods={"ce"}))
+    summary = analyse(table, AnalysisParams(n_boot=100)).summary
     assert {r["score_name"] for r in summary} == {"test_ppl"}
     assert summary[0]["mean"] == pytest.approx(100 * (1 - synthetic_acc("ce", None, None, 0.02, 1)))
 

@@ -162,6 +162,8 @@ def _mean_or_none(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
 
 
 def _summarize(runs: Runs, n_boot: int, ci: float, seed: int) -> list[dict[str, Any]]:
+    """One row per (variant, α): n, mean, std and bootstrap CI of the primary score (accuracy
+    for vision, perplexity for lm), plus mean agreement, test KL, ECE and negative-KL fraction."""
     out = []
     for v in runs.variants():
         for alpha, rows in runs.by_alpha(v).items():
@@ -183,12 +185,6 @@ def _summarize(runs: Runs, n_boot: int, ci: float, seed: int) -> list[dict[str, 
                 }
             )
     return out
-
-
-def summarize(table: pa.Table, n_boot: int, ci: float, seed: int) -> list[dict[str, Any]]:
-    """One row per (variant, α): n, mean, std and bootstrap CI of the primary score (accuracy
-    for vision, perplexity for lm), plus mean agreement, test KL, ECE and negative-KL fraction."""
-    return _summarize(Runs.from_table(table), n_boot, ci, seed)
 
 
 def _gain_rows(runs: Runs, s: AnalysisParams) -> list[dict[str, Any]]:
@@ -252,6 +248,9 @@ def verdict(ci_low: float, ci_high: float, n_min: int) -> str:
 
 
 def _verdict_rows(runs: Runs, s: AnalysisParams) -> list[dict[str, Any]]:
+    """Per control variant and α: the reference's advantage over it in score units (positive =
+    reference better, whichever way the score points), its bootstrap CI, and the verdict:
+    "falls short" (CI > 0), "matches" (CI ∋ 0), "exceeds" (CI < 0), "undetermined (n<2)"."""
     ref = runs.resolve(s.reference)
     if ref is None:
         return []
@@ -283,18 +282,6 @@ def _verdict_rows(runs: Runs, s: AnalysisParams) -> list[dict[str, Any]]:
                     | {"hypothesis_control": LOSSES[rows[0]["loss"]].hypothesis in HYPOTHESIS_ROLES}
                 )
     return out
-
-
-def hypothesis_verdicts(
-    table: pa.Table, reference: str, controls: Sequence[str], n_boot: int, ci: float, seed: int
-) -> list[dict[str, Any]]:
-    """Per control variant and α: the reference's advantage over it in score units (positive =
-    reference better, whichever way the score points), its bootstrap CI, and the verdict:
-    "falls short" (CI > 0), "matches" (CI ∋ 0), "exceeds" (CI < 0), "undetermined (n<2)"."""
-    s = AnalysisParams(
-        reference=reference, controls=list(controls), n_boot=n_boot, ci=ci, seed=seed
-    )
-    return _verdict_rows(Runs.from_table(table), s)
 
 
 def _alpha_set(

@@ -386,10 +386,6 @@ def _format_errors(err: ValidationError) -> str:
     return "invalid params:\n" + "\n".join(lines)
 
 
-def all_alphas(p: Params) -> list[float]:
-    return sorted(set(p.alphas) | set(p.sweep.ablation_alphas))
-
-
 def parse_params(raw: dict[str, Any]) -> Params:
     try:
         return Params.model_validate(raw)
