@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,15 +18,70 @@ if TYPE_CHECKING:  # torch is imported where checkpoints are touched, so atomic 
     import torch
 
 
+TMP_INFIX = ".tmp"  # atomic_path writes `final` through its sibling `.<final name>.tmp<pid>`
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.tmp(?P<pid>[0-9]+)", re.DOTALL)
+
+
+def temp_path(final: Path, pid: int | None = None) -> Path:
+    """The temporary sibling through which process `pid` (default: this one) writes `final`."""
+    final = Path(final)
+    return final.with_name(f".{final.name}{TMP_INFIX}{os.getpid() if pid is None else pid}")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists on this host (a zombie counts as alive until reaped)."""
+    if pid <= 0:  # 0 and negative numbers address process groups, not a writer
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, but belongs to another user
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+def remove_stale_temps(directory: Path, name: str | None = None) -> list[Path]:
+    """Remove what killed writers left in `directory`: the `.<name>.tmp<pid>` files (or
+    directories) of `atomic_path` whose process `pid` is no longer alive on this host, for the
+    file `name` only, or for every name. This process's own temporaries and those of live
+    processes are kept. Returns the paths removed.
+
+    Pids are per host: two hosts writing the same file on a shared file system is unsupported.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(Path(directory).iterdir())
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        m = _TEMP_NAME.fullmatch(entry.name)
+        if m is None or (name is not None and m["name"] != name):
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or pid_alive(pid):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto `final` only if the block succeeds.
 
-    A killed writer leaves at most a `.tmp` file behind, never a half-written `final`.
+    A killed writer leaves at most its `.<name>.tmp<pid>` behind, never a half-written `final`;
+    the next write of `final` removes such leftovers of dead processes (`remove_stale_temps`).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    remove_stale_temps(final.parent, final.name)
+    tmp = temp_path(final)
     try:
         yield tmp
         os.replace(tmp, final)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from kdsweep.cache.format import CacheError, StoreSpec, compressors, partial_path, root_attrs
-from kdsweep.io import atomic_write_json
+from kdsweep.io import atomic_write_json, remove_stale_temps
 
 
 def write_cache(
@@ -121,6 +122,7 @@ def _open_partial(
         except Exception:  # unreadable leftover of a killed writer
             same = False
         if same:
+            _remove_dead_writers_temps(partial)
             return
         shutil.rmtree(partial)  # a leftover from other params or another teacher: restart
     root = zarr.open_group(partial, mode="w")
@@ -141,6 +143,22 @@ def _open_partial(
                 fill_value=0,
             )
     root.attrs.update(attrs)
+
+
+# zarr's LocalStore writes each file through `<file minus suffix>.<uuid4 hex>.partial`
+_ZARR_TEMP = re.compile(r".+\.[0-9a-f]{32}\.partial")
+
+
+def _remove_dead_writers_temps(partial: Path) -> None:
+    """Before resuming, remove what a killed writer left in the partial store: the temporaries of
+    its progress records (`.progress.<rank>.json.tmp<pid>`, pid no longer alive) and zarr's own
+    half-written chunk files. Called by rank 0 under the writer lock, before any rank of this
+    run writes, so zarr temporaries are all stale; left in place they would end up in the
+    finished store and make it differ, file for file, from an uninterrupted one."""
+    remove_stale_temps(partial)
+    for f in partial.rglob("*.partial"):
+        if _ZARR_TEMP.fullmatch(f.name) and f.is_file():
+            f.unlink(missing_ok=True)
 
 
 def _progress_file(partial: Path, rank: int) -> Path:
@@ -175,6 +193,8 @@ def finalize_cache(path: Path) -> None:
             )
     for f in partial.glob("progress.*.json"):
         f.unlink()
+    for f in partial.glob(".progress.*.json.tmp*"):  # every rank is done: any temporary is stale
+        f.unlink(missing_ok=True)
     root.attrs["complete"] = True
     if path.exists():
         shutil.rmtree(path)
