@@ -1,3 +1,6 @@
+"""The logit cache (DESIGN.md §4): every registered kind round-trips through encode/decode and
+through a Zarr store; the store is verified on open and on read; an interrupted write resumes."""
+
 import json
 import shutil
 
@@ -6,9 +9,16 @@ import pytest
 import torch
 import zarr
 
-from kdsweep.cache import CacheError, LogitCache, StoreSpec, write_cache
+from kdsweep.cache.format import CacheError, StoreSpec, partial_path
+from kdsweep.cache.kinds import CacheKind
+from kdsweep.cache.reader import LogitCache
+from kdsweep.cache.writer import write_cache
+from kdsweep.errors import KdsweepError
+from kdsweep.registry import CACHE_KINDS
+from kdsweep.targets import TeacherTargets
 
 C = 10
+K = 4  # k of the kinds that need one
 
 
 def teacher(x: torch.Tensor) -> torch.Tensor:
@@ -27,6 +37,85 @@ def inputs(n_train=300, n_test=70):
 def build(path, spec, **kw):
     write_cache(path, teacher, inputs(), spec, C, "teacher-fp", "data-fp", batch_size=40, **kw)
     return LogitCache(path, "teacher-fp", "data-fp")
+
+
+def k_of(name: str, c: int = C) -> int | None:
+    return min(K, c) if CACHE_KINDS[name].needs_k else None
+
+
+def encode(name: str, logits: torch.Tensor, k: int | None, seed: int = 0) -> dict:
+    kind: type[CacheKind] = CACHE_KINDS.load(name)
+    return kind.encode(logits, k, "float32", torch.Generator().manual_seed(seed))
+
+
+def decode(name: str, arrays: dict) -> TeacherTargets:
+    kind: type[CacheKind] = CACHE_KINDS.load(name)
+    return TeacherTargets(name, {a: kind.decode(a, v, "float32") for a, v in arrays.items()})
+
+
+# --- every registered kind -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(CACHE_KINDS))
+def test_kind_encodes_its_layout_and_decodes_exactly_at_float32(name):
+    kind: type[CacheKind] = CACHE_KINDS.load(name)
+    logits = 3 * torch.randn(7, C, generator=torch.Generator().manual_seed(1))
+    k = k_of(name)
+    arrays = encode(name, logits, k)
+    layout = kind.layout(7, C, (), k, "float32")
+    assert list(arrays) == list(kind.arrays) == list(layout)
+    for a, v in arrays.items():
+        assert (v.shape, v.dtype) == layout[a], a
+    t = decode(name, arrays)
+    for a, v in t.tensors.items():
+        assert v.dtype in (torch.float32, torch.int64), a
+        assert np.array_equal(v.numpy(), arrays[a].astype(v.numpy().dtype)), a  # lossless
+    if name == "full":
+        assert torch.equal(t.tensors["logits"], logits)
+
+
+@pytest.mark.parametrize("name", list(CACHE_KINDS))
+def test_kind_top1_is_the_teacher_argmax_on_confident_rows(name):
+    """On rows where one class holds all the mass to float precision every kind agrees on it
+    (for `sampled`, every draw lands there)."""
+    y = torch.randint(0, C, (20,), generator=torch.Generator().manual_seed(2))
+    logits = 60.0 * torch.nn.functional.one_hot(y, C).float()
+    t = decode(name, encode(name, logits, k_of(name)))
+    assert torch.equal(CACHE_KINDS.load(name).top1(t), y)
+
+
+@pytest.mark.parametrize("name", list(CACHE_KINDS))
+def test_kind_round_trips_through_a_store(name, tmp_path):
+    """What a store reads back is what the kind encoded: every chunk, both splits, float32."""
+    spec = StoreSpec(kind=name, dtype="float32", k=k_of(name), chunk_rows=64)
+    cache = build(tmp_path / "c.zarr", spec)
+    assert cache.kind == name and cache.attrs["k"] == spec.k
+    kind: type[CacheKind] = CACHE_KINDS.load(name)
+    deterministic = _deterministic(name)
+    for split, x in inputs().items():
+        got = cache.read(split)
+        assert got.kind == name and set(got.tensors) == set(kind.arrays)
+        if deterministic:  # the same rows encoded in memory
+            want = decode(name, encode(name, teacher(x), spec.k))
+            for a, v in want.tensors.items():
+                assert torch.equal(got.tensors[a], v), (split, a)
+    if not deterministic:  # the draws are fixed by sample_seed, whichever run writes them
+        again = build(tmp_path / "again.zarr", spec).read("train").tensors
+        other = StoreSpec(kind=name, dtype="float32", k=spec.k, chunk_rows=64, sample_seed=1)
+        differ = build(tmp_path / "other.zarr", other).read("train").tensors
+        first = cache.read("train").tensors
+        assert all(torch.equal(first[a], again[a]) for a in first)
+        assert any(not torch.equal(first[a], differ[a]) for a in first)
+
+
+def _deterministic(name: str) -> bool:
+    """Whether a kind's encoding ignores its random generator (two seeds, the same arrays)."""
+    logits = torch.randn(16, C, generator=torch.Generator().manual_seed(3))
+    a, b = encode(name, logits, k_of(name), seed=0), encode(name, logits, k_of(name), seed=1)
+    return all(np.array_equal(a[n], b[n]) for n in a)
+
+
+# --- kinds in detail -------------------------------------------------------------------------
 
 
 def test_full_float32_round_trip_is_exact(tmp_path):
@@ -75,11 +164,35 @@ def test_sampled_round_trip_draws_from_teacher(tmp_path):
     assert (t["weights"] >= 0).all() and t["indices"].max() < C
     # the most drawn class agrees with the teacher's argmax far more often than chance
     assert (t["indices"][:, 0] == teacher(inputs()["train"]).argmax(1)).float().mean() > 0.5
+    assert cache.attrs["sample_tau"] == 1.0 and cache.attrs["sample_seed"] == 0
 
 
-def test_k_larger_than_classes_is_refused(tmp_path):
-    with pytest.raises(CacheError, match="k=11 is larger than the number of classes"):
-        build(tmp_path / "c.zarr", StoreSpec(kind="topk", k=11))
+@pytest.mark.parametrize("name", [n for n in CACHE_KINDS if CACHE_KINDS[n].needs_k])
+def test_k_larger_than_classes_is_refused(tmp_path, name):
+    with pytest.raises(KdsweepError, match="k=11 is larger than the number of classes"):
+        build(tmp_path / "c.zarr", StoreSpec(kind=name, k=11))
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_topk_round_trip_on_token_rows(tmp_path):
+    """Language-model rows hold a sequence of positions: [N, L, V] logits -> [N, L, k] arrays."""
+    g = torch.Generator().manual_seed(1)
+    x = {"train": torch.randn(40, 6, 300, generator=g), "test": torch.randn(9, 6, 300, generator=g)}
+    path = tmp_path / "lm.zarr"
+    spec = StoreSpec(kind="topk", k=8, dtype="float32", chunk_rows=16)
+    write_cache(path, lambda b: b * 2, x, spec, 300, "t", "d", batch_size=7)
+    cache = LogitCache(path, "t", "d")
+    assert cache.attrs["row_shape"] == {"train": [6], "test": [6]}
+    t = cache.read("train").tensors
+    v, i = (x["train"] * 2).topk(8, dim=-1)
+    assert torch.equal(t["values"], v) and torch.equal(t["indices"], i)
+    assert t["logsumexp"].shape == (40, 6)
+    assert cache.root["train"]["indices"].dtype == np.uint16  # 300 classes need 16 bits
+    flat = cache.read("test").flat_positions().tensors
+    assert flat["values"].shape == (54, 8) and flat["logsumexp"].shape == (54,)
+
+
+# --- verification on open and on read --------------------------------------------------------
 
 
 def test_wrong_teacher_or_dataset_is_refused(tmp_path):
@@ -106,6 +219,14 @@ def test_older_format_version_is_refused(tmp_path):
     build(tmp_path / "c.zarr", StoreSpec(chunk_rows=64))
     _set_attr(tmp_path / "c.zarr", "format_version", 0)
     with pytest.raises(CacheError, match="format_version"):
+        LogitCache(tmp_path / "c.zarr")
+
+
+def test_missing_attribute_is_refused(tmp_path):
+    build(tmp_path / "c.zarr", StoreSpec(chunk_rows=64))
+    g = zarr.open_group(tmp_path / "c.zarr", mode="r+")
+    g.attrs.put({k: v for k, v in g.attrs.asdict().items() if k != "dataset_fingerprint"})
+    with pytest.raises(CacheError, match="lacks the attributes"):
         LogitCache(tmp_path / "c.zarr")
 
 
@@ -145,7 +266,27 @@ def test_missing_chunk_is_refused_not_filled_with_zeros(tmp_path):
         LogitCache(tmp_path / "c.zarr")
 
 
+def test_missing_store_names_a_partial_one(tmp_path):
+    with pytest.raises(CacheError, match="not found: run"):
+        LogitCache(tmp_path / "c.zarr")
+    partial_path(tmp_path / "c.zarr").mkdir()
+    with pytest.raises(CacheError, match="partial store exists"):
+        LogitCache(tmp_path / "c.zarr")
+
+
+def test_info_reports_sizes(tmp_path):
+    info = build(tmp_path / "c.zarr", StoreSpec(kind="topk", k=3, chunk_rows=64)).info()
+    assert info["bytes_on_disk"] > 0 and info["compression_ratio"] > 0
+    assert info["bytes_per_row"] == pytest.approx(info["bytes_on_disk"] / 370)
+    assert info["arrays"]["train/indices"] == [[300, 3], "uint8"]
+
+
+# --- writing: resume, restart, exclusion ----------------------------------------------------
+
+
 def test_interrupted_write_resumes_to_an_identical_store(tmp_path):
+    """In-process interruption (an exception from the teacher); tests/test_interrupt.py kills a
+    writer process outright."""
     spec = StoreSpec(kind="sampled", k=4, chunk_rows=64)
     ref = build(tmp_path / "ref.zarr", spec)
     calls = {"n": 0}
@@ -183,9 +324,7 @@ def test_interrupted_write_resumes_to_an_identical_store(tmp_path):
 def test_partial_store_from_other_params_restarts(tmp_path):
     path = tmp_path / "c.zarr"
     build(path, StoreSpec(kind="full", chunk_rows=64))
-    shutil.move(
-        path, tmp_path / "c.zarr.partial"
-    )  # pretend it is a leftover partial of other params
+    shutil.move(path, partial_path(path))  # pretend it is a leftover partial of other params
     cache = build(path, StoreSpec(kind="topk", k=2, chunk_rows=64))
     assert cache.kind == "topk"
 
@@ -197,28 +336,3 @@ def test_second_writer_is_refused(tmp_path):
     with FileLock(str(path) + ".lock"):
         with pytest.raises(CacheError, match="another process is writing"):
             build(path, StoreSpec(chunk_rows=64))
-
-
-def test_info_reports_sizes(tmp_path):
-    info = build(tmp_path / "c.zarr", StoreSpec(kind="topk", k=3, chunk_rows=64)).info()
-    assert info["bytes_on_disk"] > 0 and info["compression_ratio"] > 0
-    assert info["bytes_per_row"] == pytest.approx(info["bytes_on_disk"] / 370)
-    assert info["arrays"]["train/indices"] == [[300, 3], "uint8"]
-
-
-def test_topk_round_trip_on_token_rows(tmp_path):
-    """Language-model rows hold a sequence of positions: [N, L, V] logits -> [N, L, k] arrays."""
-    g = torch.Generator().manual_seed(1)
-    x = {"train": torch.randn(40, 6, 300, generator=g), "test": torch.randn(9, 6, 300, generator=g)}
-    path = tmp_path / "lm.zarr"
-    spec = StoreSpec(kind="topk", k=8, dtype="float32", chunk_rows=16)
-    write_cache(path, lambda b: b * 2, x, spec, 300, "t", "d", batch_size=7)
-    cache = LogitCache(path, "t", "d")
-    assert cache.attrs["row_shape"] == {"train": [6], "test": [6]}
-    t = cache.read("train").tensors
-    v, i = (x["train"] * 2).topk(8, dim=-1)
-    assert torch.equal(t["values"], v) and torch.equal(t["indices"], i)
-    assert t["logsumexp"].shape == (40, 6)
-    assert cache.root["train"]["indices"].dtype == np.uint16  # 300 classes need 16 bits
-    flat = cache.read("test").flat_positions().tensors
-    assert flat["values"].shape == (54, 8) and flat["logsumexp"].shape == (54,)

@@ -1,4 +1,5 @@
-"""Stacked training is sequential training, K students at a time (kdsweep.stack)."""
+"""Stacked training is sequential training, K students at a time (kdsweep.students.stack), and
+the planning around it (kdsweep.students.plan)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdsweep.cache import CacheSplit
 from kdsweep.losses import student_loss
 from kdsweep.models import build_model
-from kdsweep.stack import (
-    CPU_STACK_MAX_PARAMS,
-    choose_path,
-    fit_stacked,
-    memory_groups,
-    stack_subsets,
-    stacked_student_loss,
-)
+from kdsweep.registry import ARCHS
+from kdsweep.students.plan import CPU_STACK_MAX_PARAMS, choose_path, memory_groups
+from kdsweep.students.stack import fit_stacked, stack_subsets, stacked_student_loss
+from kdsweep.targets import NO_TARGETS, TeacherTargets, ViewBatches
 from kdsweep.train import NonFiniteLoss, fit
 
 SEEDS = [3, 1007, 2000]
@@ -59,15 +55,16 @@ def test_stacked_equals_sequential_fit(arch: str, width: int, loss: str, kind: s
     fn = stacked_student_loss(loss, kind, 0.0)
     out = fit_stacked(_factory(arch, width), SEEDS, xs, targets, fn, hyper, STEPS, BS, 0.01, 0.1)
     for k, seed in enumerate(SEEDS):
-        torch.manual_seed(seed)  # as pipeline.train_one initialises a student
+        torch.manual_seed(seed)  # as students.train.train_one initialises a student
         model = _factory(arch, width)(seed)
-        rows = CacheSplit("full", {"logits": targets["logits"][k]}) if kind else None
+        rows = TeacherTargets(kind, {"logits": targets["logits"][k]}) if kind else NO_TARGETS
 
-        def loss_fn(z: torch.Tensor, i: torch.Tensor, k=k, rows=rows) -> torch.Tensor:
-            t = rows.rows(i) if rows else None
-            return student_loss(loss, z, targets["y"][k][i], t, lam[k], taus[k], 0.0)[0]
+        def loss_fn(z: torch.Tensor, ctx: tuple, k=k) -> torch.Tensor:
+            y, t = ctx
+            return student_loss(loss, z, y, t, lam[k], taus[k], 0.0)[0]
 
-        fit(model, xs[k], loss_fn, STEPS, BS, 0.01, 0.1, seed)
+        batch = ViewBatches(xs[k], targets["y"][k], rows, seed)  # as train_one feeds `fit`
+        fit(model, xs[k], loss_fn, STEPS, BS, 0.01, 0.1, seed, batch=batch)
         stacked = out.models[k]
         assert not stacked.training
         for (name, a), b in zip(model.named_parameters(), stacked.parameters(), strict=True):
@@ -105,19 +102,21 @@ def test_subsets_must_share_size() -> None:
             _factory("mlp", 8), SEEDS, xs, targets, fn, {"lam": torch.zeros(3)}, 1, 8, 0.01, 0.0
         )
     with pytest.raises(ValueError, match="one size"):
-        stack_subsets([(xs[0], targets["y"][0], None), (xs[1][:-1], targets["y"][1][:-1], None)])
+        stack_subsets(
+            [(xs[0], targets["y"][0], NO_TARGETS), (xs[1][:-1], targets["y"][1][:-1], NO_TARGETS)]
+        )
 
 
 def test_stack_subsets_layout() -> None:
     xs, targets = _data(2)
     parts = [
-        (xs[k], targets["y"][k], CacheSplit("full", {"logits": targets["logits"][k]}))
+        (xs[k], targets["y"][k], TeacherTargets("full", {"logits": targets["logits"][k]}))
         for k in range(2)
     ]
     sx, st = stack_subsets(parts)
     assert torch.equal(sx, xs) and torch.equal(st["y"], targets["y"])
     assert torch.equal(st["logits"], targets["logits"])
-    aug = CacheSplit("full", {"logits": targets["logits"][0], "aug": torch.zeros(N, 2, 3)})
+    aug = TeacherTargets("full", {"logits": targets["logits"][0], "aug": torch.zeros(N, 2, 3)})
     with pytest.raises(ValueError, match="augmented"):
         stack_subsets([(xs[0], targets["y"][0], aug)])
 
@@ -156,18 +155,25 @@ def test_choose_path() -> None:
     big = build_model("cnn1d", (1, 40), 10, 64)
     assert sum(p.numel() for p in small.parameters()) < CPU_STACK_MAX_PARAMS
     assert sum(p.numel() for p in big.parameters()) >= CPU_STACK_MAX_PARAMS
-    assert choose_path(cpu, small, 8, "auto") == "stacked"
-    assert choose_path(cpu, big, 8, "auto") == "sequential"
-    assert choose_path(cpu, small, 1, "auto") == "sequential"
-    assert choose_path(cuda, big, 8, "auto") == "stacked"
-    assert choose_path(cuda, big, 1, "auto") == "sequential"
-    assert choose_path(cpu, big, 8, "on") == "stacked"
-    assert choose_path(cuda, small, 8, "off") == "sequential"
+    assert choose_path(cpu, small, True, 8, "auto") == "stacked"
+    assert choose_path(cpu, big, True, 8, "auto") == "sequential"
+    assert choose_path(cpu, small, True, 1, "auto") == "sequential"
+    assert choose_path(cpu, small, False, 8, "auto") == "sequential"  # no vmap rule on a CPU
+    assert choose_path(cuda, big, True, 8, "auto") == "stacked"
+    assert choose_path(cuda, small, False, 8, "auto") == "stacked"
+    assert choose_path(cuda, big, True, 1, "auto") == "sequential"
+    assert choose_path(cpu, big, True, 8, "on") == "stacked"
+    assert choose_path(cuda, small, True, 8, "off") == "sequential"
     with pytest.raises(ValueError):
-        choose_path(cpu, small, 8, "yes")
+        choose_path(cpu, small, True, 8, "yes")
 
 
-def test_attention_students_stay_sequential_on_cpu():
-    gpt = build_model("gpt", (8,), 260, 8)
-    assert choose_path(torch.device("cpu"), gpt, 4, "auto") == "sequential"
-    assert choose_path(torch.device("cuda"), gpt, 4, "auto") == "stacked"
+@pytest.mark.parametrize("arch", [a for a in ARCHS if not ARCHS[a].vmappable])
+def test_attention_students_stay_sequential_on_cpu(arch: str) -> None:
+    """Architectures ARCHS marks not vmappable (the CPU attention kernel) train one at a time on
+    a CPU whatever their size, and stack on CUDA."""
+    rank = ARCHS[arch].input_rank
+    shape, classes = ((8,), 260) if rank == 1 else ((3, 8, 8), 10)
+    model, vmappable = build_model(arch, shape, classes, 8), ARCHS[arch].vmappable
+    assert choose_path(torch.device("cpu"), model, vmappable, 4, "auto") == "sequential"
+    assert choose_path(torch.device("cuda"), model, vmappable, 4, "auto") == "stacked"

@@ -1,12 +1,17 @@
-"""kdsweep.train.AdamW is torch's AdamW + cosine schedule, without the torch._dynamo import."""
+"""kdsweep.train: AdamW is torch's AdamW + cosine schedule without the torch._dynamo import; `fit`
+is reproducible per seed and takes its batches from `batch`; kdsweep.metrics evaluates."""
 
+import math
 import subprocess
 import sys
 
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from kdsweep.train import AdamW
+from kdsweep.metrics import evaluate, expected_calibration_error
+from kdsweep.train import AdamW, NonFiniteLoss, accuracy, fit, num_steps
 
 
 def _twins() -> tuple[nn.Module, nn.Module]:
@@ -53,3 +58,106 @@ def test_training_a_student_does_not_import_dynamo():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _student(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+
+
+def _data(n: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(n, 1, 12, generator=g, dtype=torch.float64), torch.randint(
+        0, 4, (n,), generator=g
+    )
+
+
+def _flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _ce(y: torch.Tensor):
+    return lambda z, idx: F.cross_entropy(z, y[idx], reduction="none")
+
+
+def test_fit_is_reproducible_per_seed_and_seeds_differ():
+    """The same seed gives the same student; two different seeds (same initialisation, same
+    data) give different data orders, hence different students."""
+    x, y = _data()
+
+    def run(seed: int) -> torch.Tensor:
+        model = _student(0)
+        fit(model, x, _ce(y), 6, 16, 0.05, 0.0, seed)
+        assert not model.training
+        return _flat(model)
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.allclose(run(1), run(2))
+
+
+def test_fit_batch_builds_inputs_and_loss_context():
+    """`batch(idx)` supplies the step's inputs and whatever the loss reads; by default the
+    inputs are x[idx] and the context is idx itself."""
+    x, y = _data()
+    seen: list[torch.Tensor] = []
+
+    def batch(idx: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        seen.append(idx)
+        return x[idx], (y[idx], idx)
+
+    def loss_fn(z: torch.Tensor, ctx: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        labels, idx = ctx
+        assert torch.equal(labels, y[idx])
+        return F.cross_entropy(z, labels, reduction="none")
+
+    a, b = _student(0), _student(0)
+    fit(a, x, loss_fn, 7, 16, 0.05, 0.1, 3, batch=batch)
+    fit(b, x, _ce(y), 7, 16, 0.05, 0.1, 3)
+    assert torch.equal(_flat(a), _flat(b))  # the same steps on the same rows
+    assert len(seen) == 7 and all(len(i) == 16 for i in seen)
+    # epoch-wise permutations: 2 full batches per epoch (the last 8 rows dropped), no repeats
+    for epoch in range(3):
+        rows = torch.cat(seen[2 * epoch : 2 * epoch + 2])
+        assert len(rows.unique()) == 32
+
+
+def test_fit_raises_on_a_non_finite_loss():
+    x, y = _data()
+    with pytest.raises(NonFiniteLoss, match="at step 0"):
+        fit(_student(0), x, lambda z, i: z.sum(-1) * float("nan"), 3, 16, 0.05, 0.0, 0, desc="s")
+
+
+@pytest.mark.parametrize(
+    ("mode", "value", "n", "bs", "steps"),
+    [("steps", 50, 10, 32, 50), ("epochs", 3, 100, 32, 12), ("epochs", 2, 10, 32, 2)],
+)
+def test_num_steps(mode, value, n, bs, steps):
+    assert num_steps(mode, value, n, bs) == steps
+
+
+def test_accuracy_counts_positions():
+    z = torch.tensor([[[2.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]])
+    assert accuracy(z, torch.tensor([[0, 1], [1, 0]])) == 0.75
+
+
+def test_evaluate_against_the_teacher():
+    g = torch.Generator().manual_seed(4)
+    logits, y = torch.randn(64, 5, generator=g), torch.randint(0, 5, (64,), generator=g)
+    out = evaluate(logits, y, teacher_top1=logits.argmax(-1), teacher_logits=logits)
+    assert out["agreement"] == 1.0 and abs(out["test_kl"]) < 1e-6
+    assert out["test_error"] == pytest.approx(1 - out["test_acc"])
+    assert out["test_ppl"] == pytest.approx(math.exp(F.cross_entropy(logits, y).item()), rel=1e-6)
+    labels_only = evaluate(logits, y)
+    assert labels_only["agreement"] is None and labels_only["test_kl"] is None
+    other = evaluate(logits, y, teacher_top1=(logits.argmax(-1) + 1) % 5, teacher_logits=-logits)
+    assert other["agreement"] == 0.0 and other["test_kl"] > 0.1
+
+
+def test_expected_calibration_error():
+    y = torch.zeros(100, dtype=torch.long)
+    confident_right = torch.tensor([[20.0, 0.0]]).expand(100, -1)
+    assert expected_calibration_error(confident_right, y) < 1e-6
+    # always 80% sure of class 0, right half of the time: |0.8 - 0.5| = 0.3
+    z = torch.tensor([[math.log(4.0), 0.0]]).expand(100, -1)
+    half = torch.arange(100) % 2
+    assert expected_calibration_error(z, half) == pytest.approx(0.3, abs=1e-6)
