@@ -1,4 +1,5 @@
-"""Image datasets in their real on-disk formats (tiny, written here), models, replayable views."""
+"""Image datasets in torchvision's real on-disk formats (tiny files written here), read by
+kdsweep.data.images: CIFAR-10/100 pickles, MNIST idx files, SVHN .mat files, an ImageFolder."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
-from torch import nn
 
 from kdsweep.config import DataParams
-from kdsweep.data import DataError, build_splits
-from kdsweep.models import build_model
-from kdsweep.vision import apply_aug, build_vision_model, draw_views, torchvision_splits
+from kdsweep.data.images import torchvision_splits
+from kdsweep.data.prepare import build_splits
+from kdsweep.data.splits import DataError
+from kdsweep.registry import DATASETS
 
 
 @pytest.fixture
@@ -129,6 +130,20 @@ def write_imagefolder(root: Path, classes: tuple[str, ...] = ("cat", "dog", "owl
                 Image.fromarray(_images(rng, 1, (20, 24, 3))[0]).save(d / f"{i}.png")
 
 
+# every dataset of the registry read from files under data.root: how to write a tiny copy, and
+# the shapes (train, test, one image) that copy loads as
+WRITERS = {
+    "cifar10": (write_cifar10, 20, 6, (3, 32, 32)),
+    "cifar100": (write_cifar100, 30, 10, (3, 32, 32)),
+    "mnist": (lambda root: write_mnist(root, "MNIST"), 20, 8, (1, 28, 28)),
+    "fashionmnist": (lambda root: write_mnist(root, "FashionMNIST"), 20, 8, (1, 28, 28)),
+    "svhn": (write_svhn, 12, 6, (3, 32, 32)),
+    "imagefolder": (write_imagefolder, 9, 6, (3, 32, 32)),
+}
+FROM_FILES = [d.name for d in DATASETS.entries() if d.needs_root]
+DOWNLOADABLE = [d.name for d in DATASETS.entries() if d.needs_root and d.downloads]
+
+
 def _assert_normalised(x: torch.Tensor) -> None:
     std, mean = torch.std_mean(x, dim=(0, 2, 3), correction=0)
     assert torch.allclose(mean, torch.zeros_like(mean), atol=1e-5)
@@ -137,7 +152,7 @@ def _assert_normalised(x: torch.Tensor) -> None:
 
 def test_cifar10_loads_real_layout_and_normalises_by_train_split(tmp_path: Path, no_md5: None):
     rows, labels = write_cifar10(tmp_path)
-    s = build_splits(DataParams(name="cifar10", root=str(tmp_path)))  # through data.py's dispatch
+    s = build_splits(DataParams(name="cifar10", root=str(tmp_path)))  # through DATASETS
     assert s.x_train.shape == (20, 3, 32, 32) and s.x_test.shape == (6, 3, 32, 32)
     assert s.x_train.dtype == torch.float32 and s.y_train.dtype == torch.int64
     assert s.x_train.is_contiguous() and s.x_test.is_contiguous()
@@ -193,7 +208,7 @@ def test_imagefolder_with_mismatched_classes_is_refused(tmp_path: Path):
         torchvision_splits(DataParams(name="imagefolder", root=str(tmp_path)))
 
 
-@pytest.mark.parametrize("name", ["cifar10", "cifar100", "mnist", "fashionmnist", "svhn"])
+@pytest.mark.parametrize("name", DOWNLOADABLE)
 def test_missing_files_give_a_clear_error(tmp_path: Path, name: str):
     root = tmp_path / "nowhere"
     with pytest.raises(DataError, match="set data.download: true or place the files there") as e:
@@ -208,90 +223,26 @@ def test_missing_imagefolder_and_missing_root(tmp_path: Path):
         torchvision_splits(DataParams(name="cifar10"))
 
 
-# ---------------------------------------------------------------------------------------------
+def test_imagefolder_cannot_be_downloaded(tmp_path: Path):
+    write_imagefolder(tmp_path)
+    with pytest.raises(DataError, match="imagefolder cannot be downloaded"):
+        torchvision_splits(DataParams(name="imagefolder", root=str(tmp_path), download=True))
 
 
-@pytest.mark.parametrize(
-    ("arch", "width"), [("resnet20", 16), ("resnet56", 4), ("resnet18", 64), ("vit", 32)]
-)
-def test_vision_models_forward_backward(arch: str, width: int):
-    torch.manual_seed(0)
-    model = build_model(arch, (3, 32, 32), 10, width)  # through models.py's dispatch
-    out = model(torch.randn(2, 3, 32, 32))
-    assert out.shape == (2, 10)
-    out.square().mean().backward()
-    assert all(p.grad is not None for p in model.parameters())
-    assert isinstance(model.head, nn.Linear) and model.head.out_features == 10
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    assert len(model.state_dict()) == len(dict(model.named_parameters())) + len(
-        dict(model.named_buffers())
-    )
-
-
-def test_resnet_depths_and_grayscale_inputs():
-    def convs(m: nn.Module) -> int:
-        return sum(isinstance(c, nn.Conv2d) and c.kernel_size == (3, 3) for c in m.modules())
-
-    assert convs(build_vision_model("resnet20", (3, 32, 32), 10, 4)) + 1 == 20  # + the head
-    assert convs(build_vision_model("resnet56", (3, 32, 32), 10, 4)) + 1 == 56
-    for arch, width in (("resnet20", 4), ("vit", 8)):
-        assert build_vision_model(arch, (1, 28, 28), 10, width)(
-            torch.randn(2, 1, 28, 28)
-        ).shape == (2, 10)
-
-
-# On CPU, vmap runs fused attention one model at a time (CUDA has batching rules for it).
-@pytest.mark.filterwarnings("ignore:There is a performance drop")
-@pytest.mark.parametrize("arch", ["resnet20", "vit"])
-def test_stacked_students_under_vmap_match_one_by_one(arch: str):
-    """The stacked training path: functional_call + vmap over stacked parameters."""
-    from torch.func import functional_call, stack_module_state
-
-    torch.manual_seed(0)
-    models = [build_vision_model(arch, (3, 16, 16), 5, 8) for _ in range(3)]
-    params, buffers = stack_module_state(models)
-    x = torch.randn(4, 3, 16, 16)
-    out = torch.vmap(lambda p, b: functional_call(models[0], (p, b), (x,)))(params, buffers)
-    ref = torch.stack([m(x) for m in models])
-    assert torch.allclose(out, ref, atol=1e-5)
-
-
-def test_unknown_arch_lists_the_known_ones():
-    with pytest.raises(ValueError, match="cnn1d, mlp, resnet20, resnet56, resnet18, vit"):
-        build_model("vgg11", (3, 32, 32), 10, 16)
-    with pytest.raises(ValueError, match="width: 64"):
-        build_vision_model("resnet18", (3, 32, 32), 10, 16)
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def test_replayed_views_are_pixel_identical():
-    x = torch.randn(5, 3, 8, 8)
-    views, aug = draw_views(x, views=4, seed=7, pad=2)
-    assert views.shape == (5, 4, 3, 8, 8) and aug.shape == (5, 4, 3) and aug.dtype == torch.int64
-    for v in range(4):
-        assert torch.equal(apply_aug(x, aug[:, v], pad=2), views[:, v])
-    again, aug2 = draw_views(x, views=4, seed=7, pad=2)
-    assert torch.equal(aug, aug2) and torch.equal(views, again)
-
-
-def test_aug_params_in_range_and_seeded():
-    x = torch.zeros(64, 1, 4, 4)
-    _, a = draw_views(x, views=8, seed=0)
-    _, b = draw_views(x, views=8, seed=1)
-    assert not torch.equal(a, b)
-    assert a[..., :2].min() == 0 and a[..., :2].max() == 8  # all of [0, 2*pad] is reachable
-    assert set(a[..., 2].unique().tolist()) == {0, 1}
-
-
-def test_apply_aug_semantics():
-    x = torch.arange(2 * 1 * 3 * 3, dtype=torch.float32).reshape(2, 1, 3, 3)
-    centre = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    out = apply_aug(x, centre, pad=1)
-    assert torch.equal(out[0], x[0]) and torch.equal(out[1], x[1].flip(-1))
-    shifted = apply_aug(x, torch.tensor([[0, 0, 0], [2, 2, 0]]), pad=1)
-    assert torch.equal(shifted[0, 0, 1:, 1:], x[0, 0, :2, :2]) and shifted[0, 0, 0].abs().sum() == 0
-    assert torch.equal(shifted[1, 0, :2, :2], x[1, 0, 1:, 1:]) and shifted[1, 0, 2].abs().sum() == 0
-    with pytest.raises(ValueError, match="outside"):
-        apply_aug(x, torch.tensor([[3, 0, 0], [0, 0, 0]]), pad=1)
+@pytest.mark.usefixtures("no_md5")
+@pytest.mark.parametrize("name", FROM_FILES)
+def test_every_file_dataset_of_the_registry_loads_through_build_splits(tmp_path: Path, name: str):
+    """Each DATASETS entry that reads data.root has a tiny on-disk copy here and loads from it:
+    shapes of the registry's input rank, labels in range, the test split normalised with the
+    training split's statistics (not its own)."""
+    write, n_train, n_test, shape = WRITERS[name]
+    write(tmp_path)
+    s = build_splits(DataParams(name=name, root=str(tmp_path)))
+    assert s.name == name and s.x_train.dim() - 1 == DATASETS[name].input_rank
+    assert s.x_train.shape == (n_train, *shape) and s.x_test.shape == (n_test, *shape)
+    assert 0 <= int(s.y_train.min()) and int(s.y_train.max()) < s.num_classes
+    _assert_normalised(s.x_train)
+    std, mean = torch.std_mean(s.x_test, dim=(0, 2, 3), correction=0)
+    assert not torch.allclose(mean, torch.zeros_like(mean), atol=1e-3)  # train stats, not test's
+    fewer = build_splits(DataParams(name=name, root=str(tmp_path), n_train=5, n_test=3, seed=1))
+    assert fewer.x_train.shape == (5, *shape) and fewer.x_test.shape == (3, *shape)
