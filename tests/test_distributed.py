@@ -1,4 +1,6 @@
-"""torchrun on CPU (gloo): a 2-process cache equals the 1-process one; DDP teacher training works."""
+"""torchrun on CPU (gloo): a 2-process cache equals the 1-process one; DDP teacher training works.
+
+The stage scripts run with the command lines dvc.yaml gives them (paths as options)."""
 
 import os
 import subprocess
@@ -6,16 +8,19 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 import zarr
 
-from kdsweep import pipeline
 from kdsweep.config import parse_params
-from kdsweep.data import load_prepared
-from kdsweep.io import weights_fingerprint
-from tests.conftest import tiny_raw
+from kdsweep.data.prepared import load_prepared
+from kdsweep.io import load_checkpoint, weights_fingerprint
+from kdsweep.teacher import teacher_model
+from tests.conftest import student_stage, tiny_raw
 
 STAGES = Path(__file__).resolve().parents[1] / "stages"
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
 def torchrun(*args: str) -> None:
@@ -36,10 +41,22 @@ def torchrun(*args: str) -> None:
 def test_two_process_cache_equals_single_process_bit_for_bit(workspace):
     raw = tiny_raw()
     Path("params.yaml").write_text(yaml.safe_dump(raw))
-    single = Path("data/logits/sampled4.zarr")  # built single-process by the fixture
-    Path("data/logits/single.zarr").parent.mkdir(exist_ok=True)
+    store = "sampled4"
+    single = Path(f"data/logits/{store}.zarr")  # built single-process by the fixture
     os.rename(single, "data/logits/single.zarr")
-    torchrun(str(STAGES / "cache.py"), "sampled4")
+    teacher = parse_params(raw).cache.stores[store].teacher
+    torchrun(
+        str(STAGES / "cache.py"),
+        store,
+        "--prepared",
+        "data/prepared",
+        "--checkpoint",
+        f"data/teachers/{teacher}.safetensors",
+        "--out",
+        str(single),
+        "--summary",
+        f"data/summaries/{store}.json",
+    )
     a, b = zarr.open_group("data/logits/single.zarr", mode="r"), zarr.open_group(single, mode="r")
     assert a.attrs.asdict() == b.attrs.asdict() and b.attrs["complete"] is True
     for split in ("train", "test"):
@@ -57,9 +74,14 @@ def test_two_process_ddp_teacher_trains_and_its_checkpoint_loads(workspace):
     raw = tiny_raw()
     Path("params.yaml").write_text(yaml.safe_dump(raw))
     before = weights_fingerprint(Path("data/teachers/main.safetensors"))
-    torchrun(str(STAGES / "teacher.py"))
+    torchrun(str(STAGES / "teacher.py"), "--prepared", "data/prepared", "--out", "data/teachers")
     assert weights_fingerprint(Path("data/teachers/main.safetensors")) != before
-    model, fp = pipeline.load_teacher(
-        parse_params(raw), "main", load_prepared(Path("data/prepared"))
-    )
-    assert len(fp) == 64 and model.head.out_features == 10
+    p, prep = parse_params(raw), load_prepared(Path("data/prepared"))
+    model = teacher_model(p, prep)
+    load_checkpoint(model, Path("data/teachers/main.safetensors"))
+    assert model.head.out_features == prep.splits.num_classes
+    # the stores of the old teacher are now refused: their fingerprint is not the new one
+    from kdsweep.cache.format import CacheError
+
+    with pytest.raises(CacheError, match="another teacher"):
+        student_stage(p, workspace, "full")

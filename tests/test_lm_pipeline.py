@@ -1,21 +1,22 @@
 """The language track through the stages' functions on params/lm.yaml, shrunk: pydoc corpus,
-BPE tokenizer, GPT teacher, top-k and sampled token caches, students, aggregate and report."""
+BPE tokenizer, GPT teacher, top-k and sampled token caches, one student stage per store,
+aggregate and report."""
 
 from pathlib import Path
 
 import yaml
 
-from kdsweep import pipeline
-from kdsweep.analysis import collect_runs, write_parquet
-from kdsweep.cache import LogitCache
-from kdsweep.config import parse_params
+from kdsweep.cache.reader import LogitCache
+from kdsweep.config import STUDENTS_OF_LABELS, parse_params
+from kdsweep.data.prepared import load_prepared, subset_size
 from kdsweep.report import write_report
+from kdsweep.runs import collect_runs, write_parquet
+from tests.conftest import build_upstream, student_stage
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_tiny_language_pipeline_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_tiny_language_pipeline_end_to_end(tmp_path):
     raw = yaml.safe_load((REPO / "params/lm.yaml").read_text())
     raw["data"].update(n_train=48, n_test=12, vocab_size=260, seq_len=8)
     raw["teacher"].update(width=16, epochs=1, batch_size=16)
@@ -30,27 +31,38 @@ def test_tiny_language_pipeline_end_to_end(tmp_path, monkeypatch):
     }
     p = parse_params(raw)
     assert p.data.task == "lm"
-    pipeline.prepare(p)
-    assert (Path("data/prepared/tokenizer.json")).exists()
-    pipeline.train_teacher(p)
-    for name in p.cache.stores:
-        pipeline.build_cache(p, name)
-    top = LogitCache(Path("data/logits/top32.zarr"))
-    assert top.attrs["row_shape"] == {"train": [8], "test": [8]}  # rows are token positions
-    assert top.read("train").tensors["values"].shape == (48, 8, 32)
-    for alpha, methods in [
-        (0.5, ["ce", "kd", "kd_renorm", "kd_sampled8", "ls"]),
-        (1.0, ["ce", "kd"]),
-    ]:
-        pipeline.run_student_stage(p, alpha, methods, Path(f"data/students/student-{alpha}"))
-    table = collect_runs(Path("data/students"))
+    build_upstream(p, tmp_path)
+    data = tmp_path / "data"
+    assert (data / "prepared/tokenizer.json").exists()
+    ref = p.cache.reference
+    top = LogitCache(data / "logits" / f"{ref}.zarr")
+    k, seq = p.cache.stores[ref].k, p.data.seq_len
+    assert top.attrs["row_shape"] == {"train": [seq], "test": [seq]}  # rows are token positions
+    assert top.read("train").tensors["values"].shape == (p.data.n_train, seq, k)
+    expected = 0
+    for store in [*p.cache.stores, None]:
+        rows = student_stage(p, tmp_path, store)
+        assert rows.exists()
+        for m in p.methods_reading(store):
+            n = len(p.alphas_of(m)) * len(p.subset_seeds) * len(p.student.train_seeds)
+            expected += n * len(p.methods[m].taus)
+    table = collect_runs(data / "students", [*p.cache.stores, STUDENTS_OF_LABELS])
     rows = table.to_pylist()
-    assert len(rows) == 14 and {r["task"] for r in rows} == {"lm"}
+    assert expected > 0 and len(rows) == expected and {r["task"] for r in rows} == {"lm"}
+    assert {r["method"] for r in rows} == {*p.sweep.methods, *p.sweep.ablation_methods}
     assert all(r["test_ppl"] > 1 and 0 <= r["agreement"] <= 1 for r in rows)
-    assert {r["n_train"] for r in rows} == {24, 48}  # α = fraction of training sequences
-    write_parquet(table, Path("runs.parquet"))
+    # α = fraction of training sequences
+    n_train = len(load_prepared(data / "prepared").splits.y_train)
+    assert {r["n_train"] for r in rows} == {
+        subset_size(a, n_train) for r in rows for a in p.alphas_of(r["method"])
+    }
+    write_parquet(table, tmp_path / "runs.parquet")
     write_report(
-        Path("runs.parquet"), p.model_dump(by_alias=True), Path("reports"), Path("data/logits")
+        tmp_path / "runs.parquet",
+        p.analysis,
+        tmp_path / "reports",
+        data / "summaries",
+        list(p.cache.stores),
     )
-    report = Path("reports/report.md").read_text()
+    report = (tmp_path / "reports/report.md").read_text()
     assert "perplexity" in report and "task lm" in report

@@ -1,80 +1,270 @@
-import copy
+"""Student stages (kdsweep.students.*): one stage per cache store trains every swept method that
+reads it, from the cached teacher targets only; stacked training equals sequential training."""
+
+from __future__ import annotations
+
 import json
+import pickle
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from kdsweep import models, pipeline
-from kdsweep.config import ParamsError, parse_params
-from kdsweep.data import DataError, load_prepared
-from tests.conftest import tiny_raw
+import kdsweep.cache.build
+import kdsweep.io
+import kdsweep.teacher
+from kdsweep.cache.build import build_cache
+from kdsweep.cache.format import CacheError
+from kdsweep.config import STUDENTS_OF_LABELS, Params, ParamsError, parse_params
+from kdsweep.data.prepare import prepare
+from kdsweep.data.prepared import load_prepared, subset_size
+from kdsweep.data.splits import DataError
+from kdsweep.io import CheckpointError
+from kdsweep.models import build_model
+from kdsweep.models.basic import CNN1D
+from kdsweep.registry import CACHE_KINDS, LOSSES
+from kdsweep.runs import RUN_SCHEMA, collect_runs
+from kdsweep.students.plan import stack_key, student_jobs
+from kdsweep.students.train import open_store, run_student_stage, student_data, train_students
+from kdsweep.targets import NO_TARGETS
+from kdsweep.teacher import teacher_model
+from kdsweep.train import NonFiniteLoss, fit
+from tests.conftest import student_stage, tiny_raw
 
 ALL_METHODS = list(tiny_raw()["methods"])
 
 
-def test_students_of_every_method_train_from_the_cache_without_the_teacher(
-    workspace, tiny_params, monkeypatch
+def every_method(**student) -> Params:
+    """TINY with every method swept: `ce` and `kd` at every α, the rest at the ablation α."""
+    raw = tiny_raw()
+    rest = [m for m in ALL_METHODS if m not in ("ce", "kd")]
+    raw["sweep"] = {"methods": ["ce", "kd"], "ablation_alphas": [0.05], "ablation_methods": rest}
+    raw["student"].update(student)
+    return parse_params(raw)
+
+
+def stages(p: Params) -> list[str | None]:
+    """Every student stage of `p`, as dvc.yaml lays them out: one per store, then `labels`."""
+    return [*p.cache.stores, None]
+
+
+def expected_rows(p: Params, store: str | None) -> int:
+    """Students of the stage of `store`: its methods' α × subset seeds × train seeds × τ."""
+    return sum(
+        len(p.alphas_of(m))
+        * len(p.subset_seeds)
+        * len(p.student.train_seeds)
+        * len(p.methods[m].taus)
+        for m in p.methods_reading(store)
+    )
+
+
+def _train_targets(p: Params, store: str | None, ws: Path):
+    prep = load_prepared(ws / "data/prepared")
+    if store is None:
+        return prep, NO_TARGETS
+    path = ws / "data/logits" / f"{store}.zarr"
+    return prep, open_store(p, store, path, ws / "data/teachers/metrics.json", prep).read("train")
+
+
+def _ref_test(p: Params, ws: Path, prep) -> tuple:
+    path = ws / "data/logits" / f"{p.cache.reference}.zarr"
+    t = open_store(p, p.cache.reference, path, ws / "data/teachers/metrics.json", prep).read("test")
+    return CACHE_KINDS.load(t.kind).top1(t), t.tensors.get("logits")
+
+
+def test_each_store_stage_trains_its_methods_from_the_cache_without_the_teacher(
+    workspace, monkeypatch
 ):
-    """Any teacher construction, checkpoint load or teacher-width forward raises: students never need one."""
+    """Any teacher construction, checkpoint load or teacher-width forward raises: students never
+    need one. Every swept method trains in its store's stage (or `labels`), each student once."""
+    p = every_method()
 
     def forbidden(*a, **k):
         raise AssertionError("the student stage touched the teacher")
 
-    monkeypatch.setattr(pipeline, "load_teacher", forbidden)
-    monkeypatch.setattr(pipeline, "_teacher_model", forbidden)
-    monkeypatch.setattr(pipeline, "load_checkpoint", forbidden)
-    real_forward = models.CNN1D.forward
+    monkeypatch.setattr(kdsweep.teacher, "teacher_model", forbidden)
+    monkeypatch.setattr(kdsweep.teacher, "train_teacher", forbidden)
+    monkeypatch.setattr(kdsweep.io, "load_checkpoint", forbidden)
+    monkeypatch.setattr(kdsweep.cache.build, "build_cache", forbidden)
+    real_forward = CNN1D.forward
 
     def guarded_forward(self, x):
-        if self.features[0].out_channels == tiny_params.teacher.width:
+        if self.features[0].out_channels == p.teacher.width:
             forbidden()
         return real_forward(self, x)
 
-    monkeypatch.setattr(models.CNN1D, "forward", guarded_forward)
-    out = pipeline.run_student_stage(tiny_params, 0.05, ALL_METHODS, workspace / "data/students/s")
-    rows = json.loads(out.read_text())
-    for method in ALL_METHODS:  # one stage process, one row per student of every method
-        mine = [r for r in rows if r["method"] == method]
-        n_tau = len(tiny_params.methods[method].taus)
-        assert len(mine) == 2 * n_tau, method  # two subset seeds × τ variants
-        assert {r["subset_seed"] for r in mine} == {0, 1}
-    assert len({r["run_id"] for r in rows}) == len(rows)
-    for r in rows:
-        assert 0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["agreement"] <= 1.0
-        assert r["n_train"] == 30 and r["test_kl"] >= 0 and r["ece"] >= 0
+    monkeypatch.setattr(CNN1D, "forward", guarded_forward)
+    n = len(load_prepared(workspace / "data/prepared").splits.y_train)
+    all_rows = []
+    for store in stages(p):
+        rows = json.loads(student_stage(p, workspace, store).read_text())
+        assert len(rows) == expected_rows(p, store), store
+        assert {r["method"] for r in rows} == set(p.methods_reading(store))
+        for method in p.methods_reading(store):
+            mine = [r for r in rows if r["method"] == method]
+            m = p.methods[method]
+            assert {r["alpha"] for r in mine} == set(p.alphas_of(method)), method
+            assert {r["subset_seed"] for r in mine} == set(p.subset_seeds)
+            if "tau" in LOSSES[m.loss].hyper:
+                assert {r["tau"] for r in mine} == set(m.taus)
+        for r in rows:
+            loss = LOSSES[r["loss"]]
+            assert set(r) == set(RUN_SCHEMA.names)
+            assert r["cache_name"] == store and r["loss"] == p.methods[r["method"]].loss
+            if store is not None:
+                assert r["cache_kind"] == p.cache.stores[store].kind
+                assert r["teacher_id"] == p.cache.stores[store].teacher
+            assert r["n_train"] == subset_size(r["alpha"], n)
+            assert 0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["agreement"] <= 1.0
+            assert r["test_kl"] >= 0 and r["ece"] >= 0 and r["steps"] == p.student.budget.value
+            assert (r["neg_kl_frac"] is None) == (loss.distill is None)
+            assert (r["tau"] is None) == ("tau" not in loss.hyper)
+        all_rows += rows
+    assert sorted({r["method"] for r in all_rows}) == sorted(ALL_METHODS)
+    assert len({r["run_id"] for r in all_rows}) == len(all_rows)
+    names = [*p.cache.stores, STUDENTS_OF_LABELS]
+    assert collect_runs(workspace / "data/students", names).num_rows == len(all_rows)
+
+
+def test_a_store_that_no_swept_method_reads_gives_an_empty_stage(workspace):
+    raw = tiny_raw()
+    raw["sweep"] = {"methods": ["ce", "kd"]}
+    p = parse_params(raw)
+    idle = [s for s in p.cache.stores if not p.methods_reading(s)]
+    assert idle
+    for store in idle:
+        assert json.loads(student_stage(p, workspace, store).read_text()) == []
+
+
+def test_stage_arguments_must_agree_with_the_params(workspace, tiny_params):
+    p, data = tiny_params, workspace / "data"
+    prep = load_prepared(data / "prepared")
+    teachers, ref = data / "teachers/metrics.json", data / "logits/full.zarr"
+    with pytest.raises(ParamsError, match="not one of cache.stores"):
+        run_student_stage(p, prep, "nope", teachers, data / "out", ref, ref)
+    with pytest.raises(ParamsError, match="exactly when"):
+        run_student_stage(p, prep, "full", teachers, data / "out", None, ref)
+    with pytest.raises(ParamsError, match="exactly when"):
+        run_student_stage(p, prep, None, teachers, data / "out", ref, ref)
 
 
 def test_seeds_are_deterministic_on_cpu(workspace, tiny_params):
-    a = pipeline.train_students(tiny_params, 0.05, ["kd"])
-    b = pipeline.train_students(tiny_params, 0.05, ["kd"])
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rows]  # noqa: E731
+    p = tiny_params
+    prep, train = _train_targets(p, "full", workspace)
+    ref = _ref_test(p, workspace, prep)
+    a = train_students(p, prep, ["kd"], train, ref)
+    b = train_students(p, prep, ["kd"], train, ref)
+    strip = lambda rows: [{k: v for k, v in r.row().items() if k != "train_seconds"} for r in rows]  # noqa: E731
     assert strip(a) == strip(b)
-    assert a[0]["test_acc"] != a[1]["test_acc"] or a[0]["subset_seed"] != a[1]["subset_seed"]
+    assert len(a) == expected_rows(p, "full")
+    assert len({(r.test_acc, r.ece) for r in a}) > 1  # other seeds, other students
 
 
 def test_student_refuses_a_cache_from_another_teacher(workspace, tiny_params):
-    import shutil
+    metrics = workspace / "data/teachers/metrics.json"
+    m = json.loads(metrics.read_text())
+    m["main"]["fingerprint"] = m["random_head"]["fingerprint"]
+    metrics.write_text(json.dumps(m))
+    with pytest.raises(CacheError, match="another teacher"):
+        student_stage(tiny_params, workspace, "full")
 
-    shutil.copy(
-        workspace / "data/teachers/random_head.safetensors",
-        workspace / "data/teachers/main.safetensors",
-    )
-    with pytest.raises(ValueError, match="another teacher"):
-        pipeline.run_student_stage(tiny_params, 0.05, ["kd"], workspace / "out")
+
+def test_student_refuses_a_cache_of_another_dataset(workspace, tiny_params):
+    raw = tiny_raw()
+    raw["data"]["seed"] = 1
+    prepare(parse_params(raw).data, tiny_params.subset_seeds, workspace / "data/prepared")
+    with pytest.raises(CacheError, match="another dataset"):
+        student_stage(tiny_params, workspace, "full")
 
 
 def test_subset_too_small_for_the_classes_is_refused(workspace):
     raw = tiny_raw()
     raw["alphas"] = [0.01, 1.0]  # 6 of 600 samples < 10 classes
     with pytest.raises(DataError, match="fewer than the 10 classes"):
-        pipeline.run_student_stage(parse_params(raw), 0.01, ["ce"], workspace / "out")
+        student_stage(parse_params(raw), workspace, None)
+
+
+def test_stacked_stage_matches_the_sequential_one(workspace):
+    """student.stacked: on trains each stage's students at once, in one stack per loss and
+    target shape; the rows match `off` (one student after another), store by store."""
+    for store in stages(every_method()):
+        rows = {}
+        for mode in ("on", "off"):
+            p = every_method(arch="mlp", width=16, stacked=mode)
+            out = student_stage(p, workspace, store)
+            rows[mode] = json.loads(out.read_text())
+        n = expected_rows(p, store)
+        assert n > 0 and len(rows["on"]) == len(rows["off"]) == n, store
+        assert [r["train_path"] for r in rows["on"]] == ["stacked"] * n
+        assert [r["train_path"] for r in rows["off"]] == ["sequential"] * n
+        for a, b in zip(rows["on"], rows["off"], strict=True):
+            same = ("method", "alpha", "subset_seed", "tau", "run_id")
+            assert [a[k] for k in same] == [b[k] for k in same]
+            assert a["test_acc"] == pytest.approx(b["test_acc"], abs=0.01), a["method"]
+            assert a["agreement"] == pytest.approx(b["agreement"], abs=0.01), a["method"]
+
+
+def test_students_share_a_stack_when_only_lambda_tau_seed_and_data_differ(workspace):
+    raw = tiny_raw()
+    raw["alphas"] = [0.05]
+    raw["sweep"] = {"methods": ALL_METHODS}
+    p = parse_params(raw)
+    targets = {s: _train_targets(p, s, workspace)[1] for s in p.cache.stores}
+    prep = load_prepared(workspace / "data/prepared")
+
+    def keys(p: Params, method: str) -> set:
+        store = p.store_or_none(method)
+        t = targets[store] if store else NO_TARGETS
+        return {stack_key(job, student_data(job, prep, t)[2]) for job in student_jobs(p, method)}
+
+    kd = keys(p, "kd")
+    assert len(kd) == 1  # both τ and both subset seeds
+    for same in ("ls_matched", "shuffled_dk", "ls_teacher", "random_head"):
+        assert keys(p, same) == kd, same  # plain KD on transformed (or another teacher's) logits
+    # CE on the teacher's top-1 is CE on other labels: the same function as `ce`
+    assert keys(p, "top1_teacher") == keys(p, "ce")
+    distinct = [kd, *(keys(p, m) for m in ("ce", "ls", "logit_mse"))]
+    distinct += [keys(p, "kd_top3"), keys(p, "kd_sampled4")]
+    assert len(set().union(*distinct)) == len(distinct)
+    assert len(keys(every_method(), "kd")) == len(every_method().alphas)  # one stack per α
+    raw["cache"]["stores"]["top2"] = {"teacher": "main", "kind": "topk", "k": 2}
+    raw["methods"]["kd_top2"] = {"loss": "kd", "tau": 4, "cache": "top2"}
+    raw["methods"]["kd_top3_renorm"] = {"loss": "kd", "tau": 4, "cache": "top3"}
+    raw["methods"]["kd_top3_renorm"]["topk_mode"] = "renorm"
+    p = parse_params(raw)
+    data = workspace / "data"
+    build_cache(
+        p,
+        "top2",
+        prep,
+        data / "teachers/main.safetensors",
+        data / "logits/top2.zarr",
+        data / "summaries/top2.json",
+    )
+    targets["top2"] = _train_targets(p, "top2", workspace)[1]
+    assert keys(p, "kd_top2").isdisjoint(keys(p, "kd_top3"))  # other k: other target shapes
+    assert keys(p, "kd_top3_renorm").isdisjoint(keys(p, "kd_top3"))  # another loss
+
+
+# ---------------------------------------------------------------------------------------------
+# The teacher checkpoint behind the stores: loaded as tensors only, and only if it fits
+
+
+def _build_full(p: Params, ws: Path) -> None:
+    data = ws / "data"
+    build_cache(
+        p,
+        "full",
+        load_prepared(data / "prepared"),
+        data / "teachers/main.safetensors",
+        data / "logits/again.zarr",
+        data / "summaries/again.json",
+    )
 
 
 def test_pickled_checkpoint_is_refused_without_running_it(workspace, tiny_params, tmp_path):
-    import pickle
-
     marker = tmp_path / "pwned"
 
     class Evil:
@@ -82,151 +272,37 @@ def test_pickled_checkpoint_is_refused_without_running_it(workspace, tiny_params
             return (open, (str(marker), "w"))
 
     (workspace / "data/teachers/main.safetensors").write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(ValueError, match="not a valid safetensors checkpoint"):
-        pipeline.load_teacher(tiny_params, "main", load_prepared(Path("data/prepared")))
+    with pytest.raises(CheckpointError, match="not a valid safetensors checkpoint"):
+        _build_full(tiny_params, workspace)
     assert not marker.exists()
 
 
 def test_checkpoint_with_wrong_shapes_is_refused(workspace):
     raw = tiny_raw()
     raw["teacher"]["width"] = 32
-    with pytest.raises(ValueError, match="does not fit the configured model"):
-        pipeline.load_teacher(parse_params(raw), "main", load_prepared(Path("data/prepared")))
+    with pytest.raises(CheckpointError, match="does not fit the configured model"):
+        _build_full(parse_params(raw), workspace)
 
 
-def test_nan_loss_stops_with_a_clear_error(workspace, tiny_params):
-    from kdsweep.train import NonFiniteLoss, fit
+def test_the_cache_stage_runs_the_saved_teacher(workspace, tiny_params):
+    """The store holds the outputs of the checkpoint's weights, not of a fresh model."""
+    from kdsweep.cache.reader import LogitCache
+    from kdsweep.io import load_checkpoint
 
-    m = models.build_model("mlp", (1, 40), 10, 8)
+    prep = load_prepared(workspace / "data/prepared")
+    model = teacher_model(tiny_params, prep)
+    load_checkpoint(model, workspace / "data/teachers/main.safetensors")
+    with torch.no_grad():
+        want = model.eval()(prep.splits.x_test[:20])
+    got = LogitCache(workspace / "data/logits/full.zarr").read("test").tensors["logits"][:20]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    shutil.rmtree(workspace / "data/logits/full.zarr")
+    with pytest.raises(CacheError, match="not found"):
+        student_stage(tiny_params, workspace, None)  # the reference store is gone
+
+
+def test_nan_loss_stops_with_a_clear_error():
+    m = build_model("mlp", (1, 40), 10, 8)
     x = torch.randn(50, 1, 40)
     with pytest.raises(NonFiniteLoss, match="loss became nan"):
         fit(m, x, lambda z, i: z.sum(-1) * float("nan"), 3, 16, 0.01, 0.0, 0)
-
-
-@pytest.mark.parametrize(
-    "path,value,message",
-    [
-        (("alphas",), [0.0, 0.5], "alphas: every alpha must lie in (0, 1]"),
-        (("alphas",), [1.5], "alphas: every alpha must lie in (0, 1]"),
-        (("methods", "kd", "tau"), -1.0, "methods.kd.tau"),
-        (("methods", "kd", "lambda"), 1.5, "methods.kd.lambda"),
-        (("methods", "kd", "lambda"), "high", "methods.kd.lambda"),
-        (("methods", "distill"), {}, "methods.distill: unknown method"),
-        (("methods", "kd", "cache"), "nope", "methods.kd.cache='nope' is not one of cache.stores"),
-        (("student", "budget", "mode"), "minutes", "student.budget.mode"),
-        (("student", "widht"), 3, "student.widht: unknown key"),
-        (("cache", "stores", "top3", "k"), None, "needs k"),
-        (("teacher", "epochs"), 0, "teacher.epochs"),
-        (("sweep", "methods"), ["ce", "kdd"], "sweep.methods names ['kdd']"),
-        (("sweep", "methods"), [], "sweep.methods is empty"),
-        (("sweep", "ablation_methods"), [], "must both be set or both be empty"),
-        (("data", "name"), "imagenet21k", "data.name"),
-    ],
-)
-def test_invalid_params_name_the_key_and_the_allowed_values(path, value, message):
-    raw = tiny_raw()
-    node = raw
-    for key in path[:-1]:
-        node = node[key]
-    node[path[-1]] = value
-    with pytest.raises(ParamsError) as err:
-        parse_params(raw)
-    assert message in str(err.value), str(err.value)
-
-
-def test_stacked_stage_matches_the_sequential_one(workspace):
-    """student.stacked: on trains the students of every method at once, in one stack per loss
-    and target shape; the rows match `off` (one student after another)."""
-    rows = {}
-    for mode in ("on", "off"):
-        raw = tiny_raw()
-        raw["student"].update(arch="mlp", width=16, stacked=mode)
-        rows[mode] = pipeline.train_students(parse_params(raw), 0.05, ALL_METHODS)
-    assert [r["train_path"] for r in rows["on"]] == ["stacked"] * len(rows["on"])
-    assert [r["train_path"] for r in rows["off"]] == ["sequential"] * len(rows["off"])
-    assert (
-        len(rows["on"]) == len(rows["off"]) == 24
-    )  # (11 methods + kd's second τ) × 2 subset seeds
-    for a, b in zip(rows["on"], rows["off"], strict=True):
-        assert (a["method"], a["subset_seed"], a["tau"]) == (
-            b["method"],
-            b["subset_seed"],
-            b["tau"],
-        )
-        assert a["test_acc"] == pytest.approx(b["test_acc"], abs=0.01), a["method"]
-        assert a["agreement"] == pytest.approx(b["agreement"], abs=0.01), a["method"]
-
-
-def test_students_share_a_stack_when_only_lambda_tau_seed_and_data_differ(workspace, tiny_params):
-    p = tiny_params
-    prep = load_prepared(Path("data/prepared"))
-    train = {s: pipeline.open_store(p, s, prep).read("train") for s in p.cache.stores}
-    none = pipeline.CacheSplit("none", {})
-
-    def keys(method: str) -> set:
-        out = set()
-        for job in pipeline.student_jobs(p, 0.05, method):
-            t = train[p.store_of(method)] if job.m.uses_teacher else none
-            out.add(pipeline.stack_key(job, pipeline.subset_targets(job, prep, t)[2]))
-        return out
-
-    kd = keys("kd")
-    assert len(kd) == 1  # both τ and both subset seeds
-    for same in ("ls_matched", "shuffled_dk", "ls_teacher", "random_head"):
-        assert keys(same) == kd, same  # plain KD on transformed (or another teacher's) logits
-    distinct = [kd, keys("ce"), keys("ls"), keys("top1_teacher"), keys("logit_mse")]
-    distinct += [keys("kd_top3"), keys("kd_sampled4")]
-    assert len(set().union(*distinct)) == len(distinct)
-    raw = tiny_raw()
-    raw["cache"]["stores"]["top2"] = {"kind": "topk", "k": 2}
-    raw["methods"]["kd_top2"] = {"loss": "kd", "tau": 4, "cache": "top2"}
-    raw["methods"]["kd_top3_renorm"] = {
-        "loss": "kd",
-        "tau": 4,
-        "cache": "top3",
-        "topk_mode": "renorm",
-    }
-    p = parse_params(raw)
-    pipeline.build_cache(p, "top2")
-    train["top2"] = pipeline.open_store(p, "top2", prep).read("train")
-    assert keys("kd_top2").isdisjoint(keys("kd_top3"))  # other k: other target shapes
-    assert keys("kd_top3_renorm").isdisjoint(keys("kd_top3"))  # another loss
-
-
-def _leaves(node: dict, prefix: tuple = ()) -> list[tuple]:
-    out = []
-    for key, value in node.items():
-        if isinstance(value, dict) and value:
-            out += _leaves(value, (*prefix, key))
-        else:
-            out.append((*prefix, key))
-    return out
-
-
-DEFAULT = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-
-
-@pytest.mark.parametrize("path", _leaves(DEFAULT), ids=lambda p: ".".join(map(str, p)))
-def test_every_params_key_refuses_a_wrong_type_by_name(path):
-    """Each leaf of the default params.yaml, given a value of the wrong type, is named."""
-    raw = copy.deepcopy(DEFAULT)
-    node = raw
-    for key in path[:-1]:
-        node = node[key]
-    node[path[-1]] = {"not": "a valid value"}
-    with pytest.raises(ParamsError) as err:
-        parse_params(raw)
-    assert ".".join(map(str, path)) in str(err.value), str(err.value)
-
-
-@pytest.mark.parametrize("section", [k for k, v in DEFAULT.items() if isinstance(v, dict)])
-def test_unknown_keys_are_refused_in_every_section(section):
-    """A misspelt key is named (in `methods`, a new name that is not a recipe is refused)."""
-    raw = copy.deepcopy(DEFAULT)
-    raw[section]["typo_key"] = 1
-    raw["typo_section"] = 1
-    with pytest.raises(ParamsError) as err:
-        parse_params(raw)
-    assert f"{section}.typo_key:" in str(err.value) and "typo_section: unknown key" in str(
-        err.value
-    )

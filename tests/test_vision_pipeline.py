@@ -1,19 +1,24 @@
-"""The vision path through the real stages' functions: CIFAR-100 on disk in torchvision's format
-(params/cifar100.yaml shrunk), augmentation-consistent views, and scikit-learn's digits."""
+"""The vision path through the stages' functions: CIFAR-100 on disk in torchvision's format
+(params/cifar100.yaml shrunk) with augmentation-consistent views, and scikit-learn's digits."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from kdsweep import pipeline
-from kdsweep.cache import LogitCache
-from kdsweep.config import parse_params
-from kdsweep.data import load_prepared
-from kdsweep.vision import apply_aug
-from tests.conftest import tiny_raw
-from tests.test_vision import no_md5, write_cifar100  # noqa: F401  (no_md5 is a fixture)
+from kdsweep.augment import apply_aug
+from kdsweep.cache.reader import LogitCache
+from kdsweep.config import STUDENTS_OF_LABELS, Params, parse_params
+from kdsweep.data.prepared import load_prepared
+from kdsweep.io import load_checkpoint
+from kdsweep.report import write_report
+from kdsweep.runs import collect_runs, write_parquet
+from kdsweep.targets import TeacherTargets, ViewBatches
+from kdsweep.teacher import teacher_model
+from tests.conftest import build_upstream, student_stage, tiny_raw
+from tests.test_images import no_md5, write_cifar100  # noqa: F401  (no_md5 is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,10 +31,23 @@ def shrink(raw: dict) -> dict:
     return raw
 
 
+def expected_rows(p: Params) -> int:
+    swept = [*p.sweep.methods, *p.sweep.ablation_methods]
+    per = len(p.subset_seeds) * len(p.student.train_seeds)
+    return sum(len(p.alphas_of(m)) * per * len(p.methods[m].taus) for m in swept)
+
+
+def run_students(p: Params, root: Path) -> list[dict]:
+    """Every student stage, as dvc.yaml runs them; the rows the aggregate stage collects."""
+    for store in [*p.cache.stores, None]:
+        student_stage(p, root, store)
+    names = [*p.cache.stores, STUDENTS_OF_LABELS]
+    return collect_runs(root / "data/students", names).to_pylist()
+
+
 @pytest.mark.usefixtures("no_md5")
-def test_cifar100_params_file_runs_on_generated_cifar_data_with_views(tmp_path, monkeypatch):
+def test_cifar100_params_file_runs_on_generated_cifar_data_with_views(tmp_path):
     write_cifar100(tmp_path / "raw", n_train=120, n_test=20)
-    monkeypatch.chdir(tmp_path)
     raw = shrink(yaml.safe_load((REPO / "params/cifar100.yaml").read_text()))
     raw["data"].update(root=str(tmp_path / "raw"), n_train=120, n_test=20)
     raw["teacher"].update(arch="resnet20", width=4)
@@ -41,84 +59,61 @@ def test_cifar100_params_file_runs_on_generated_cifar_data_with_views(tmp_path, 
     raw["sweep"] = {"methods": ["ce", "kd"]}
     raw["analysis"] = {"controls": []}
     p = parse_params(raw)
-    pipeline.prepare(p)
-    pipeline.train_teacher(p)
-    pipeline.build_cache(p, "full")
-    cache = LogitCache(Path("data/logits/full.zarr"))
+    build_upstream(p, tmp_path)
+    data = tmp_path / "data"
+    cache = LogitCache(data / "logits/full.zarr")
     train = cache.read("train").tensors
-    assert train["logits"].shape == (120, 2, 100) and train["aug"].shape == (120, 2, 3)
-    assert cache.read("test").tensors["logits"].shape == (20, 100)  # the test split has no views
+    views, n, n_test = p.cache.views, p.data.n_train, p.data.n_test
+    assert train["logits"].shape == (n, views, 100) and train["aug"].shape == (n, views, 3)
+    assert cache.read("test").tensors["logits"].shape == (n_test, 100)  # no views of the test split
     # the stored outputs are the teacher's outputs for exactly the stored views
-    teacher, _ = pipeline.load_teacher(p, "main", load_prepared(Path("data/prepared")))
-    x = load_prepared(Path("data/prepared")).splits.x_train[:10]
-    for v in range(2):
+    prep = load_prepared(data / "prepared")
+    teacher = teacher_model(p, prep)
+    load_checkpoint(teacher, data / "teachers/main.safetensors")
+    x = prep.splits.x_train[:10]
+    for v in range(views):
         with torch.no_grad():
-            want = teacher(apply_aug(x, train["aug"][:10, v]))
+            want = teacher.eval()(apply_aug(x, train["aug"][:10, v]))
         assert torch.allclose(train["logits"][:10, v], want, atol=1e-5)
     # a student replays those views: its inputs are the stored views, its targets their rows
-    batches = pipeline.Batches(
-        x,
-        torch.zeros(10, dtype=torch.long),
-        pipeline.CacheSplit("full", {"logits": train["logits"][:10], "aug": train["aug"][:10]}),
-        seed=0,
-    )
+    rows = TeacherTargets("full", {"logits": train["logits"][:10], "aug": train["aug"][:10]})
     idx = torch.arange(10)
-    views = batches.inputs(idx)
-    assert torch.equal(views, apply_aug(x, train["aug"][idx, batches.view]))
-    assert torch.equal(batches.targets(idx).tensors["logits"], train["logits"][idx, batches.view])
-    rows = pipeline.train_students(p, 1.0, ["kd"])
-    assert len(rows) == 1 and rows[0]["dataset"] == "cifar100" and 0 <= rows[0]["agreement"] <= 1
+    inputs, (_, t) = ViewBatches(x, torch.zeros(10, dtype=torch.long), rows, seed=0)(idx)
+    for i in range(10):
+        assert any(
+            torch.equal(inputs[i], apply_aug(x[i : i + 1], train["aug"][i : i + 1, v])[0])
+            and torch.equal(t.tensors["logits"][i], train["logits"][i, v])
+            for v in range(views)
+        ), i
+    out = run_students(p, tmp_path)
+    assert len(out) == expected_rows(p) and {r["dataset"] for r in out} == {"cifar100"}
+    assert all(0 <= r["agreement"] <= 1 for r in out)
+    kd = [r for r in out if r["cache_name"] == "full"]
+    assert kd and all(r["train_path"] == "sequential" for r in kd)  # views: one at a time
 
 
-def test_digits_pipeline_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_digits_pipeline_end_to_end(tmp_path):
     raw = shrink(tiny_raw())
     raw["data"] = {"name": "digits", "n_train": 1200, "n_test": 300, "seed": 0}
     raw["teacher"].update(arch="mlp", width=32, epochs=3)
     raw["student"].update(arch="resnet20", width=4)
     raw["alphas"] = [0.1, 1.0]
+    raw["sweep"]["ablation_methods"] = ["kd_top3", "ls_matched"]
     p = parse_params(raw)
-    pipeline.prepare(p)
-    teacher = pipeline.train_teacher(p)
+    build_upstream(p, tmp_path)
+    teacher = json.loads((tmp_path / "data/teachers/metrics.json").read_text())
     assert teacher["main"]["test_acc"] > 0.5  # an MLP learns 8x8 digits in a few epochs
-    for name in p.cache.stores:
-        pipeline.build_cache(p, name)
-    methods = ["ce", "kd", "ls_matched", "kd_top3"]
-    assert pipeline.run_student_stage(p, 0.1, methods, Path("data/students/student-0.1")).exists()
-    from kdsweep.analysis import collect_runs
-    from kdsweep.report import write_report
-
-    table = collect_runs(Path("data/students"))
-    assert table.num_rows == 5 and set(table.column("dataset").to_pylist()) == {
-        "digits"
-    }  # kd: τ ∈ {1, 4}
-    from kdsweep.analysis import write_parquet
-
-    write_parquet(table, Path("runs.parquet"))
-    write_report(
-        Path("runs.parquet"), p.model_dump(by_alias=True), Path("reports"), Path("data/logits")
+    rows = run_students(p, tmp_path)
+    assert len(rows) == expected_rows(p) and {r["dataset"] for r in rows} == {"digits"}
+    write_parquet(
+        collect_runs(tmp_path / "data/students", [*p.cache.stores, STUDENTS_OF_LABELS]),
+        tmp_path / "runs.parquet",
     )
-    report = Path("reports/report.md").read_text()
+    report = write_report(
+        tmp_path / "runs.parquet",
+        p.analysis,
+        tmp_path / "reports",
+        tmp_path / "data/summaries",
+        list(p.cache.stores),
+    ).read_text()
     assert "dataset **digits**" in report and "ls_matched" in report
-
-
-@pytest.mark.parametrize("arch", ["vit", "resnet20"])
-def test_image_students_train_with_the_generic_loop(arch):
-    from kdsweep.models import build_model
-    from kdsweep.train import fit
-
-    torch.manual_seed(0)
-    m = build_model(arch, (3, 32, 32), 10, 8 if arch == "resnet20" else 32)
-    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
-    before = [q.clone() for q in m.parameters()]
-    fit(
-        m,
-        x,
-        lambda z, i: torch.nn.functional.cross_entropy(z, y[i], reduction="none"),
-        2,
-        8,
-        1e-3,
-        0.0,
-        0,
-    )
-    assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters(), strict=True))
