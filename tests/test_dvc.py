@@ -195,7 +195,13 @@ def test_code_edit_marks_exactly_the_stages_that_run_it(repo: Path, rel: str, ex
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
     [
-        (("cache", "stores", "top3", "k"), 2, ["cache@top3", "student@top3"]),
+        # aggregate and report read which stores exist (a removed store's results are stale);
+        # every change of a store re-runs them through its students' results anyway
+        (
+            ("cache", "stores", "top3", "k"),
+            2,
+            ["aggregate", "cache@top3", "report", "student@top3"],
+        ),
         (("cache", "views"), 2, ["cache@full", "cache@top3"]),
         (("cache", "reference"), "top3", ["labels", "student@full", "student@top3"]),
         (("analysis", "n_boot"), 50, ["aggregate", "report"]),
@@ -239,16 +245,17 @@ def test_changing_one_method_reruns_students_but_no_teacher_or_cache(repo: Path)
             ran = stages_run(run(repo, "dvc", "repro"))
             assert ran == ["aggregate", "labels", "report", "student@full", "student@top3"]
             after = _rows(repo)
-    finally:
-        run(repo, "git", "checkout", "dvc.lock")
+    finally:  # back to the committed state; outputs DVC does not cache are made anew
+        run(repo, "git", "checkout", "HEAD", "--", "dvc.lock")
         run(repo, "dvc", "checkout", "-q")
+        restored = stages_run(run(repo, "dvc", "repro"))
     assert after.keys() == before.keys()
     for key, row in after.items():
         if key[0] == "kd":
             assert row["tau"] == 2 and before[key]["tau"] == 4
         else:
             assert row == before[key], key
-    assert changed_stages(repo) == []
+    assert set(restored) <= {"aggregate", "report"} and changed_stages(repo) == []
 
 
 def test_dvc_exp_run_with_a_param_and_exp_show(repo: Path) -> None:
@@ -258,7 +265,7 @@ def test_dvc_exp_run_with_a_param_and_exp_show(repo: Path) -> None:
         text = json.dumps(json.loads(shown[shown.index("[") :]))
         assert "metrics.json" in text and '"tau": 1' in text
     finally:
-        run(repo, "git", "checkout", "params.yaml", "dvc.lock")
+        run(repo, "git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock")
         run(repo, "dvc", "checkout", "-q")
 
 
