@@ -161,3 +161,13 @@ def test_expected_calibration_error():
     z = torch.tensor([[math.log(4.0), 0.0]]).expand(100, -1)
     half = torch.arange(100) % 2
     assert expected_calibration_error(z, half) == pytest.approx(0.3, abs=1e-6)
+
+
+def test_fit_leaves_denormal_floats_as_it_found_them() -> None:
+    """fit flushes denormals while it trains (speed) but restores IEEE behaviour afterwards."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    fit(model, x, lambda z, i: F.cross_entropy(z, y[i], reduction="none"), 3, 8, 0.01, 0.0, 0)
+    tiny = torch.tensor([1e-40], dtype=torch.float32)
+    assert float(tiny * 1.0) != 0.0

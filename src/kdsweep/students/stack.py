@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from kdsweep.losses import student_loss
 from kdsweep.targets import TeacherTargets
-from kdsweep.train import AdamW, NonFiniteLoss
+from kdsweep.train import AdamW, NonFiniteLoss, flushed_denormals
 
 # (logits [bs, C], this student's target rows {name: [bs, ...]}, its hyper-parameters {name: 0-d})
 #   -> (per-sample loss [bs], per-sample distillation term [bs]), like `losses.student_loss`.
@@ -115,29 +115,32 @@ def fit_stacked(
         return torch.stack([torch.randperm(n, generator=g) for g in gens]).to(device)
 
     perm, pos = new_perm(), 0
-    for step in tqdm(range(steps), desc=desc, disable=None, leave=False, mininterval=1.0):
-        if pos + bs > n:
-            perm, pos = new_perm(), 0
-        idx = perm[:, pos : pos + bs]
-        pos += bs
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            z = forward_k(params, buffers, xs[rows, idx])
-        per_sample, distill = loss_k(
-            z.float(), {m: t[rows, idx] for m, t in targets.items()}, hyper
-        )
-        loss = per_sample.mean(1)
-        if not torch.isfinite(loss).all():
-            bad = [s for s, ok in zip(seeds, torch.isfinite(loss).tolist(), strict=True) if not ok]
-            raise NonFiniteLoss(
-                f"{desc}: the loss of the students with seeds {bad} became non-finite at step "
-                f"{step}; lower the learning rate or check the cached targets "
-                "(`kdsweep cache verify`)"
+    with flushed_denormals():  # as `train.fit` does
+        for step in tqdm(range(steps), desc=desc, disable=None, leave=False, mininterval=1.0):
+            if pos + bs > n:
+                perm, pos = new_perm(), 0
+            idx = perm[:, pos : pos + bs]
+            pos += bs
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                z = forward_k(params, buffers, xs[rows, idx])
+            per_sample, distill = loss_k(
+                z.float(), {m: t[rows, idx] for m, t in targets.items()}, hyper
             )
-        opt.zero_grad()
-        loss.sum().backward()
-        opt.step()
-        neg += (distill.detach() < 0).flatten(1).sum(1)
-        terms += distill[0].numel()
+            loss = per_sample.mean(1)
+            if not torch.isfinite(loss).all():
+                bad = [
+                    s for s, ok in zip(seeds, torch.isfinite(loss).tolist(), strict=True) if not ok
+                ]
+                raise NonFiniteLoss(
+                    f"{desc}: the loss of the students with seeds {bad} became non-finite at step "
+                    f"{step}; lower the learning rate or check the cached targets "
+                    "(`kdsweep cache verify`)"
+                )
+            opt.zero_grad()
+            loss.sum().backward()
+            opt.step()
+            neg += (distill.detach() < 0).flatten(1).sum(1)
+            terms += distill[0].numel()
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         for i, model in enumerate(models):
