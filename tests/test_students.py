@@ -306,3 +306,10 @@ def test_nan_loss_stops_with_a_clear_error():
     x = torch.randn(50, 1, 40)
     with pytest.raises(NonFiniteLoss, match="loss became nan"):
         fit(m, x, lambda z, i: z.sum(-1) * float("nan"), 3, 16, 0.01, 0.0, 0)
+
+
+def test_a_missing_teacher_metrics_file_is_explained(workspace: Path, tiny_params: Params) -> None:
+    prep = load_prepared(workspace / "data" / "prepared")
+    store = workspace / "data" / "logits" / "full.zarr"
+    with pytest.raises(CacheError, match="dvc pull teacher"):
+        open_store(tiny_params, "full", store, workspace / "missing.json", prep)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from kdsweep.cache.format import CacheError
 from kdsweep.cache.reader import LogitCache
 from kdsweep.config import Params, ParamsError, params_hash
 from kdsweep.data.prepared import Prepared
@@ -46,7 +47,13 @@ def open_store(p: Params, name: str, path: Path, teachers: Path, prep: Prepared)
     """A cache store, checked against its teacher's weights fingerprint (from the teacher stage's
     metrics file) and the prepared dataset."""
     tid = p.cache.stores[name].teacher
-    fingerprint = json.loads(Path(teachers).read_text())[tid]["fingerprint"]
+    try:
+        fingerprint = json.loads(Path(teachers).read_text())[tid]["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CacheError(
+            f"{teachers} holds no fingerprint of teacher {tid!r} ({err!r}): run "
+            "`dvc repro teacher` or `dvc pull teacher`"
+        ) from None
     return LogitCache(path, fingerprint, prep.fingerprint)
 
 
