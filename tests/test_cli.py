@@ -101,3 +101,12 @@ def test_deps_lists_the_report_stage_sources():
     # the report reads summaries, never a store, and trains nothing: no torch-side modules
     assert "src/kdsweep/teacher.py" not in files
     assert "src/kdsweep/cache/reader.py" not in files
+
+
+def test_registry_lists_every_registered_name() -> None:
+    from kdsweep.registry import ARCHS, CACHE_KINDS, DATASETS, LOSSES
+
+    res = runner.invoke(app, ["registry"])
+    assert res.exit_code == 0, res.output
+    for reg in (DATASETS, ARCHS, LOSSES, CACHE_KINDS):
+        assert all(name in res.output for name in reg), reg.kind

@@ -14,11 +14,12 @@ import torch
 import torchvision
 from PIL import Image
 
-from kdsweep.config import DataParams
+from kdsweep.config import DataParams, ParamsError, parse_params
 from kdsweep.data.images import torchvision_splits
 from kdsweep.data.prepare import build_splits
 from kdsweep.data.splits import DataError
 from kdsweep.registry import DATASETS
+from tests.conftest import tiny_raw
 
 
 @pytest.fixture
@@ -216,17 +217,23 @@ def test_missing_files_give_a_clear_error(tmp_path: Path, name: str):
     assert str(root) in str(e.value)
 
 
+def params_with_data(**data: object) -> dict:
+    return {**tiny_raw(), "data": data}
+
+
 def test_missing_imagefolder_and_missing_root(tmp_path: Path):
     with pytest.raises(DataError, match="place images in"):
         torchvision_splits(DataParams(name="imagefolder", root=str(tmp_path)))
-    with pytest.raises(DataError, match="set data.root"):
-        torchvision_splits(DataParams(name="cifar10"))
+    for name in FROM_FILES:  # refused when params load, before any work
+        with pytest.raises(ParamsError, match=f"data.name='{name}' reads files from disk"):
+            parse_params(params_with_data(name=name))
 
 
-def test_imagefolder_cannot_be_downloaded(tmp_path: Path):
-    write_imagefolder(tmp_path)
-    with pytest.raises(DataError, match="imagefolder cannot be downloaded"):
-        torchvision_splits(DataParams(name="imagefolder", root=str(tmp_path), download=True))
+def test_only_downloadable_datasets_accept_download(tmp_path: Path):
+    for name in (d.name for d in DATASETS.entries() if not d.downloads):
+        data = {"name": name, "root": str(tmp_path), "download": True}
+        with pytest.raises(ParamsError, match="cannot be downloaded"):
+            parse_params(params_with_data(**data))
 
 
 @pytest.mark.usefixtures("no_md5")

@@ -121,6 +121,21 @@ def student(
 
 
 @app.command()
+def registry() -> None:
+    """Every extension point and its registered names: what params.yaml may name."""
+    from kdsweep.registry import ARCHS, CACHE_KINDS, DATASETS, LOSSES
+
+    for reg in (DATASETS, ARCHS, LOSSES, CACHE_KINDS):
+        t = Table(title=reg.kind)
+        t.add_column("name")
+        t.add_column("what")
+        t.add_column("code")
+        for e in reg.entries():
+            t.add_row(e.name, e.doc, e.impl)
+        console.print(t)
+
+
+@app.command()
 def deps(script: Path) -> None:
     """The project source files a stage script runs (what dvc.yaml must list as its deps)."""
     from kdsweep.deps import closure

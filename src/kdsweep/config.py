@@ -118,6 +118,17 @@ class DataParams(Strict):
         _choice("dataset", v, DATASETS)
         return v
 
+    @model_validator(mode="after")
+    def _source_fits(self) -> DataParams:
+        d = DATASETS[self.name]
+        if d.needs_root and self.root is None:
+            raise ValueError(f"data.name={self.name!r} reads files from disk: set data.root")
+        if self.download and not d.downloads:
+            raise ValueError(
+                f"data.name={self.name!r} cannot be downloaded: set data.download: false"
+            )
+        return self
+
     @property
     def task(self) -> str:
         return DATASETS[self.name].task
