@@ -28,12 +28,11 @@ from common import REPO, dvc_env, temp_repo
 def repro(source: Path, params: Path, label: str) -> dict:
     """Run `dvc repro` of `source`'s pipeline on `params`; print and return its time split."""
     work = temp_repo(params.read_text(), source)
-    src = source / "src" if source != REPO else None
     t0 = time.perf_counter()
     stamps: list[tuple[float, str]] = []
     work_s: dict[str, float] = defaultdict(float)
     proc = subprocess.Popen(
-        ["dvc", "repro"], cwd=work, env=dvc_env(src), stdout=subprocess.PIPE, text=True
+        ["dvc", "repro"], cwd=work, env=dvc_env(work / "src"), stdout=subprocess.PIPE, text=True
     )
     assert proc.stdout is not None
     for line in proc.stdout:

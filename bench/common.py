@@ -27,8 +27,9 @@ def temp_repo(params_text: str, source: Path = REPO, prefix: str = "kdsweep-benc
 
 
 def dvc_env(src: Path | None = None) -> dict[str, str]:
-    """The environment for `dvc repro`: this interpreter's tools first; with `src`, that
-    checkout's library shadows the installed one (to time another revision)."""
+    """The environment for `dvc repro`: this interpreter's tools first; with `src`, that copy
+    of the library shadows the installed one (another revision, or a snapshot of this one that
+    later edits of the workspace cannot reach)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     if src is not None:
         env["PYTHONPATH"] = str(src)
