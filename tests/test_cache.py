@@ -9,7 +9,7 @@ import pytest
 import torch
 import zarr
 
-from kdsweep.cache.format import CacheError, StoreSpec, partial_path
+from kdsweep.cache.format import FORMAT_VERSION, CacheError, StoreSpec, partial_path
 from kdsweep.cache.kinds import CacheKind
 from kdsweep.cache.reader import LogitCache
 from kdsweep.cache.writer import write_cache
@@ -153,8 +153,44 @@ def test_topk_round_trip(tmp_path):
     want = teacher(inputs()["train"])
     v, i = want.topk(3, dim=1)
     assert torch.equal(t["values"], v) and torch.equal(t["indices"], i)
-    assert torch.allclose(t["logsumexp"], want.logsumexp(1))
+    # the tail's own log-sum-exp: the logits NOT in the top-k, float32
+    assert torch.allclose(t["tail_logsumexp"], want.scatter(1, i, -torch.inf).logsumexp(1))
+    assert cache.root["train"]["tail_logsumexp"].dtype == np.float32
     assert cache.root["train"]["indices"].dtype == np.uint8  # smallest dtype holding C
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_topk_tail_is_exact_for_a_confident_teacher(dtype):
+    """The tail mass read back from a store is the true tail mass to float32 relative precision
+    (up to the top values' own rounding) even at 1e-12 and below — never ≤ 0, never noise."""
+    g = torch.Generator().manual_seed(4)
+    c, k = 100, 5
+    for margin in (8.0, 14.0, 20.0, 30.0):
+        logits = torch.randn(64, c, generator=g)
+        logits[:, 0] += margin
+        t = decode_as(dtype, encode_as(dtype, logits, k))
+        v, tail = t.tensors["values"], t.tensors["tail_logsumexp"]
+        log_tail = tail - torch.logaddexp(v.logsumexp(-1), tail)
+        true = logits.double().scatter(1, logits.topk(k, 1).indices, -torch.inf).logsumexp(1)
+        true = true - logits.double().logsumexp(1)
+        assert torch.isfinite(log_tail).all()
+        rounding = (v - logits.topk(k, 1).values).abs().max().item()  # 0 at float32
+        assert (log_tail.double() - true).abs().max() <= 2 * rounding + 1e-5, margin
+
+
+def test_topk_tail_at_k_equal_classes_is_minus_infinity():
+    logits = torch.randn(5, C, generator=torch.Generator().manual_seed(5))
+    t = decode("topk", encode("topk", logits, C))
+    assert torch.isneginf(t.tensors["tail_logsumexp"]).all()
+
+
+def encode_as(dtype: str, logits: torch.Tensor, k: int) -> dict:
+    return CACHE_KINDS.load("topk").encode(logits, k, dtype, torch.Generator().manual_seed(0))
+
+
+def decode_as(dtype: str, arrays: dict) -> TeacherTargets:
+    kind: type[CacheKind] = CACHE_KINDS.load("topk")
+    return TeacherTargets("topk", {a: kind.decode(a, v, dtype) for a, v in arrays.items()})
 
 
 def test_sampled_round_trip_draws_from_teacher(tmp_path):
@@ -165,6 +201,26 @@ def test_sampled_round_trip_draws_from_teacher(tmp_path):
     # the most drawn class agrees with the teacher's argmax far more often than chance
     assert (t["indices"][:, 0] == teacher(inputs()["train"]).argmax(1)).float().mean() > 0.5
     assert cache.attrs["sample_tau"] == 1.0 and cache.attrs["sample_seed"] == 0
+
+
+def test_sampled_store_draws_at_its_own_tau(tmp_path):
+    """A sampled store records its τ and draws from softmax(logits/τ): the mean weight drawn on
+    the teacher's argmax is p^τ's mean top mass (≈0.6 at τ = 1, ≈0.2 at τ = 8)."""
+    caches = {
+        tau: build(tmp_path / f"t{tau}.zarr", StoreSpec(kind="sampled", k=8, sample_tau=tau))
+        for tau in (1.0, 8.0)
+    }
+    assert caches[8.0].attrs["sample_tau"] == 8.0
+    logits = teacher(inputs()["train"]).double()
+    for tau, cache in caches.items():
+        t = cache.read("train").tensors
+        p = torch.softmax(logits / tau, -1)
+        w = torch.zeros_like(p).scatter_add_(1, t["indices"], t["weights"].double())
+        top = logits.argmax(1, keepdim=True)
+        got, want = w.gather(1, top).mean(), p.gather(1, top).mean()
+        assert abs(got - want) < 0.03, (tau, got, want)  # sd ≤ 0.01 over 300 rows × 8 draws
+    full = StoreSpec(kind="full", sample_tau=4.0)
+    assert build(tmp_path / "f.zarr", full).attrs["sample_tau"] is None  # only sampled stores
 
 
 @pytest.mark.parametrize("name", [n for n in CACHE_KINDS if CACHE_KINDS[n].needs_k])
@@ -186,10 +242,10 @@ def test_topk_round_trip_on_token_rows(tmp_path):
     t = cache.read("train").tensors
     v, i = (x["train"] * 2).topk(8, dim=-1)
     assert torch.equal(t["values"], v) and torch.equal(t["indices"], i)
-    assert t["logsumexp"].shape == (40, 6)
+    assert t["tail_logsumexp"].shape == (40, 6)
     assert cache.root["train"]["indices"].dtype == np.uint16  # 300 classes need 16 bits
     flat = cache.read("test").flat_positions().tensors
-    assert flat["values"].shape == (54, 8) and flat["logsumexp"].shape == (54,)
+    assert flat["values"].shape == (54, 8) and flat["tail_logsumexp"].shape == (54,)
 
 
 # --- verification on open and on read --------------------------------------------------------
@@ -215,11 +271,16 @@ def test_incomplete_store_is_refused(tmp_path):
         LogitCache(tmp_path / "c.zarr")
 
 
-def test_older_format_version_is_refused(tmp_path):
+@pytest.mark.parametrize("version", [0, 2])
+def test_older_format_version_is_refused(tmp_path, version):
+    """Version 2 stores held a top-k log-sum-exp over all classes (a tail recovered by
+    cancellation) and sampled draws at τ = 1 only: refused, with the command that rebuilds."""
+    assert FORMAT_VERSION == 3
     build(tmp_path / "c.zarr", StoreSpec(chunk_rows=64))
-    _set_attr(tmp_path / "c.zarr", "format_version", 0)
-    with pytest.raises(CacheError, match="format_version"):
+    _set_attr(tmp_path / "c.zarr", "format_version", version)
+    with pytest.raises(CacheError, match="format_version") as err:
         LogitCache(tmp_path / "c.zarr")
+    assert "dvc repro" in str(err.value) and "cache" in str(err.value)
 
 
 def test_missing_attribute_is_refused(tmp_path):

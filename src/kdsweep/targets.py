@@ -17,8 +17,8 @@ from kdsweep.augment import apply_aug
 @dataclass(frozen=True)
 class TeacherTargets:
     """The cached teacher outputs of some rows, as float32/int64 tensors named by their kind's
-    arrays (`logits`; `values`, `indices`, `logsumexp`; `indices`, `weights`; and `aug` when the
-    store holds augmented views). An empty `tensors` means labels only."""
+    arrays (`logits`; `values`, `indices`, `tail_logsumexp`; `indices`, `weights`; and `aug` when
+    the store holds augmented views). An empty `tensors` means labels only."""
 
     kind: str | None
     tensors: dict[str, torch.Tensor]

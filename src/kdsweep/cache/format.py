@@ -4,9 +4,15 @@ Layout of `<name>.zarr` (DESIGN.md §4):
   zarr.json              root attributes: format_version, kind, k, dtype, num_classes, row_shape,
                          views, teacher_fingerprint, dataset_fingerprint, codec, chunk_rows,
                          sample_seed, sample_tau, splits, kdsweep_version, complete (written last)
+                         (sample_seed and sample_tau: the seed and temperature τ a `sampled`
+                         store draws at, None for other kinds; its students train at that τ)
   train/, test/          one group per split, attributes {split, num_rows}; the arrays of the
                          store's kind (kdsweep.cache.kinds), shaped [N, *row_shape, …], plus
-                         aug[N, V, 3] (int16) for a split cached over V augmented views.
+                         aug[N, V, 3] (int16) for a split cached over V augmented views:
+                           full     logits
+                           topk     values, indices, tail_logsumexp (float32, the log-sum-exp
+                                    of the logits NOT in the top-k; −inf when k = C)
+                           sampled  indices, weights (draws from softmax(logits / sample_tau))
 Chunks hold whole rows (`chunk_rows`), compressed by zarr's own codecs, and end in a
 Crc32cCodec, so an altered chunk raises on read instead of decoding to garbage.
 
@@ -29,7 +35,10 @@ from kdsweep.config import Codec
 from kdsweep.errors import KdsweepError
 from kdsweep.registry import CACHE_KINDS
 
-FORMAT_VERSION = 2  # 2: row_shape per split (positions or views per row), aug
+# 2: row_shape per split (positions or views per row), aug
+# 3: topk stores the tail's own log-sum-exp (tail_logsumexp) instead of the log-sum-exp over all
+#    classes; sampled stores draw at their own τ (sample_tau). Readers refuse 2: rebuild.
+FORMAT_VERSION = 3
 REQUIRED_ATTRS = {
     "format_version",
     "kind",
@@ -60,6 +69,7 @@ class StoreSpec:
     chunk_rows: int = 8192
     codec: Codec = Codec()
     sample_seed: int = 0
+    sample_tau: float = 1.0  # the temperature a sampled store draws at
 
     @property
     def kind_class(self) -> type[CacheKind]:
@@ -106,7 +116,7 @@ def root_attrs(
         "codec": spec.codec.model_dump(),
         "chunk_rows": spec.chunk_rows,
         "sample_seed": spec.sample_seed if sampled else None,
-        "sample_tau": 1.0 if sampled else None,
+        "sample_tau": float(spec.sample_tau) if sampled else None,
         "splits": splits,
         "kdsweep_version": __version__,
         "complete": False,

@@ -2,18 +2,27 @@
 the arrays it stores, how teacher logits are encoded into them and decoded back, the
 distillation term a student computes from them, and the teacher's top-1 class.
 
-Per row (one position of a sequence, one view of an image), for C classes:
+Per row (one position of a sequence, one view of an image), for C classes (format version 3):
   full     logits[C]                        float16 | bfloat16 (stored as uint16 bits) | float32
-  topk     values[k] (descending logits), indices[k] (smallest uint holding C),
-           logsumexp float32 (over all C logits at τ=1, so top-k probabilities are exact)
-  sampled  indices[k] drawn with replacement from softmax(logits / tau), duplicates merged,
-           weights[k] = draw counts / k (0 in unused slots): Σ_j w_j·f(c_j) is an unbiased
-           estimate of E_{c~p_T}[f(c)], so the student's CE on them estimates CE(p_T, p_S).
+  topk     values[k] (descending logits, in the store's float dtype), indices[k] (smallest
+           uint holding C), tail_logsumexp float32: the log-sum-exp of the C − k logits NOT in
+           the top-k, from the unrounded float32 logits (−inf when k = C). The (k+1)-bucket
+           distribution at τ = 1 is then exact to float32 whatever the tail mass (1e-12 too):
+             log p_top  = v − logaddexp(logsumexp(v), tail_logsumexp)
+             log p_tail = tail_logsumexp − logaddexp(logsumexp(v), tail_logsumexp)
+           (format 2 stored the log-sum-exp over all C classes and recovered the tail as
+           log(1 − Σ p_top): catastrophic cancellation against float16 values once the tail
+           mass fell below ~1e-2.)
+  sampled  indices[k] drawn with replacement from softmax(logits / τ_store) (τ_store: the
+           root attribute `sample_tau`), duplicates merged, weights[k] = draw counts / k (0 in
+           unused slots): Σ_j w_j·f(c_j) is an unbiased estimate of E_{c~p_T^τ}[f(c)], so the
+           student's τ²·CE at τ = τ_store on them estimates τ²·CE(p_T^τ, p_S^τ).
 Encoding is numpy/torch only: this module knows nothing of Zarr.
 """
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import numpy as np
@@ -67,8 +76,11 @@ class CacheKind:
         raise NotImplementedError
 
     @staticmethod
-    def encode(logits: torch.Tensor, k: int | None, dtype: str, gen: torch.Generator) -> dict:
-        """Teacher logits [B, ..., C] (float32) -> {array name: numpy rows}."""
+    def encode(
+        logits: torch.Tensor, k: int | None, dtype: str, gen: torch.Generator, tau: float = 1.0
+    ) -> dict:
+        """Teacher logits [B, ..., C] (float32) -> {array name: numpy rows}; `tau` is the
+        temperature a sampled store draws at (the other kinds ignore it)."""
         raise NotImplementedError
 
     @classmethod
@@ -81,7 +93,8 @@ class CacheKind:
 
     @staticmethod
     def distill(t: TeacherTargets, z: torch.Tensor, tau: torch.Tensor | float, mode: str):
-        """τ²·KL(p_T^τ ‖ p_S^τ) per row (up to a constant without gradient, for `sampled`)."""
+        """τ²·KL(p_T^τ ‖ p_S^τ) per row (up to a constant without gradient, for `sampled`);
+        `mode` is the method's topk_mode (only `topk` reads it)."""
         raise NotImplementedError
 
     @staticmethod
@@ -99,7 +112,9 @@ class Full(CacheKind):
         return {"logits": ((n, *row, c), float_dtype(dtype))}
 
     @staticmethod
-    def encode(logits: torch.Tensor, k: int | None, dtype: str, gen: torch.Generator) -> dict:
+    def encode(
+        logits: torch.Tensor, k: int | None, dtype: str, gen: torch.Generator, tau: float = 1.0
+    ) -> dict:
         return {"logits": to_stored(logits, dtype)}
 
     @staticmethod
@@ -118,17 +133,13 @@ def _check_k(k: int | None, c: int) -> int:
     return k
 
 
-def _log1mexp(x: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
-    """log(1 − exp(x)) for x ≤ −eps, stable at both ends (Mächler 2012); −inf at x = 0.
-
-    The student side passes eps > 0 so that its gradient stays finite when its tail is empty.
-    """
-    x = x.clamp(max=-eps)
-    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+def _not_in(indices: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A mask of `like`'s shape: True for the classes NOT listed in `indices` (the tail)."""
+    return torch.ones_like(like, dtype=torch.bool).scatter(-1, indices, False)
 
 
 class TopK(CacheKind):
-    arrays = ("values", "indices", "logsumexp")
+    arrays = ("values", "indices", "tail_logsumexp")
     floats = ("values",)
 
     @staticmethod
@@ -136,44 +147,65 @@ class TopK(CacheKind):
         return {
             "values": ((n, *row, k or 0), float_dtype(dtype)),
             "indices": ((n, *row, k or 0), index_dtype(c)),
-            "logsumexp": ((n, *row), np.dtype(np.float32)),
+            "tail_logsumexp": ((n, *row), np.dtype(np.float32)),
         }
 
     @staticmethod
-    def encode(logits: torch.Tensor, k: int | None, dtype: str, gen: torch.Generator) -> dict:
+    def encode(
+        logits: torch.Tensor, k: int | None, dtype: str, gen: torch.Generator, tau: float = 1.0
+    ) -> dict:
+        logits = logits.float()
         values, idx = logits.topk(_check_k(k, logits.shape[-1]), dim=-1)
+        tail = logits.masked_fill(~_not_in(idx, logits), -torch.inf).logsumexp(-1)  # −inf: k = C
         return {
             "values": to_stored(values, dtype),
             "indices": idx.numpy().astype(index_dtype(logits.shape[-1])),
-            "logsumexp": logits.logsumexp(-1).numpy().astype(np.float32),
+            "tail_logsumexp": tail.numpy().astype(np.float32),
         }
 
     @staticmethod
     def distill(t: TeacherTargets, z: torch.Tensor, tau: torch.Tensor | float, mode: str):
-        """τ²·KL from a top-k cache, per row.
+        """τ²·KL from a top-k cache, per row. The student's log-probabilities at τ are gathered
+        at the teacher's top-k classes; its tail log-mass is the log-sum-exp of its own
+        log-probabilities over the other C − k classes (masked, never log(1 − Σ q): exact, and
+        its gradient — a softmax over the tail — is finite however small the tail).
 
+        tail:   k+1 buckets — the teacher's top-k logits and its tail log-sum-exp, tempered as a
+                (k+1)-class distribution, against the student's top-k and tail log-mass at τ.
+                Exact at τ = 1 (it is then the teacher's exact bucket distribution); for τ ≠ 1
+                it tempers the tail's *sum*, which under-weights the tail.
+        spread: the teacher's tail mass spread evenly over the C − k absent classes before
+                tempering (each absent class gets logit tail_logsumexp − log(C − k)): a full
+                C-class target, equal to the full-cache KL at every τ when the teacher's tail is
+                uniform; the student's absent classes each match 1/(C − k) of that tail.
         renorm: teacher probabilities renormalised over its top-k at τ, student full log-softmax
                 at τ gathered at the same classes. Ignores the tail entirely, so the student is
                 never told to push tail classes down; biased for every k < C.
-        tail:   k+1 buckets — the exact top-k probabilities at τ=1 (from the stored logsumexp)
-                and one tail bucket 1 − Σp, computed as log1mexp, then tempered as a
-                (k+1)-class distribution. Exact at τ=1; for τ≠1 it tempers the tail *sum* rather
-                than each tail class, which under-weights the tail.
-        Both equal the full-cache KL when k = C.
+        All three equal the full-cache KL when k = C: the tail bucket is then dropped (a fact of
+        the shapes, so no branch ever evaluates log 0).
         """
-        values, indices, lse = t.tensors["values"], t.tensors["indices"], t.tensors["logsumexp"]
+        values, indices = t.tensors["values"], t.tensors["indices"]
         log_q = torch.log_softmax(z / tau, dim=-1)
         q_top = log_q.gather(-1, indices)
-        if mode == "renorm":
+        k, c = indices.shape[-1], z.shape[-1]
+        if mode == "renorm" or k == c:
             p = torch.softmax(values / tau, dim=-1)
             return tau**2 * (torch.special.xlogy(p, p) - p * q_top).sum(-1)
-        log_p = values - lse.unsqueeze(-1)
-        log_p_tail = _log1mexp(torch.logsumexp(log_p, -1, keepdim=True))
-        if indices.shape[-1] == z.shape[-1]:  # k = C: the tail is empty, not rounding noise
-            log_p_tail = torch.full_like(log_p_tail, -torch.inf)
-        p = torch.softmax(torch.cat([log_p, log_p_tail], -1) / tau, dim=-1)
-        q_tail = _log1mexp(torch.logsumexp(q_top, -1, keepdim=True), eps=1e-12)
-        log_q_buckets = torch.cat([q_top, q_tail], -1)
+        tail = t.tensors["tail_logsumexp"].unsqueeze(-1)
+        in_tail = _not_in(indices, log_q)
+        if mode == "spread":
+            # k top classes + (C − k) absent classes of logit tail − log(C − k) each, tempered;
+            # the absent classes share one bucket of log-mass (tail − log(C−k))/τ + log(C−k)
+            log_n = math.log(c - k)
+            buckets = torch.cat([values / tau, (tail - log_n) / tau + log_n], -1)
+            p = torch.softmax(buckets, dim=-1)
+            q_absent = log_q.masked_fill(~in_tail, 0.0).sum(-1, keepdim=True) / (c - k)
+            # Σ_absent p_a·(log p_a − log q_a) with p_a = P_tail/(C − k) for every absent a
+            log_q_buckets = torch.cat([q_top, q_absent + log_n], -1)
+        else:
+            p = torch.softmax(torch.cat([values, tail], -1) / tau, dim=-1)
+            q_tail = log_q.masked_fill(~in_tail, -torch.inf).logsumexp(-1, keepdim=True)
+            log_q_buckets = torch.cat([q_top, q_tail], -1)
         return tau**2 * (torch.special.xlogy(p, p) - p * log_q_buckets).sum(-1)
 
 
@@ -188,10 +220,12 @@ class Sampled(CacheKind):
         }
 
     @staticmethod
-    def encode(logits: torch.Tensor, k: int | None, dtype: str, gen: torch.Generator) -> dict:
+    def encode(
+        logits: torch.Tensor, k: int | None, dtype: str, gen: torch.Generator, tau: float = 1.0
+    ) -> dict:
         c = logits.shape[-1]
         k = _check_k(k, c)
-        probs = torch.softmax(logits.double().reshape(-1, c), dim=-1)
+        probs = torch.softmax(logits.double().reshape(-1, c) / tau, dim=-1)
         draws = torch.multinomial(probs, k, replacement=True, generator=gen)
         counts = torch.zeros_like(probs).scatter_add_(
             1, draws, torch.ones_like(draws, dtype=probs.dtype)
@@ -206,7 +240,9 @@ class Sampled(CacheKind):
 
     @staticmethod
     def distill(t: TeacherTargets, z: torch.Tensor, tau: torch.Tensor | float, mode: str):
-        """τ²·Σ_j w_j·(−log p_S^τ(c_j)): an unbiased estimate of τ²·CE(p_T, p_S^τ); it differs
-        from τ²·KL by the teacher's entropy, a constant with no gradient."""
+        """τ²·Σ_j w_j·(−log p_S^τ(c_j)): an unbiased estimate of τ²·CE(p_T^τ, p_S^τ) when τ is
+        the store's own `sample_tau` (config validation makes every student of a sampled store
+        train at exactly that τ); it differs from τ²·KL by the teacher's entropy at τ, a
+        constant with no gradient."""
         log_q = torch.log_softmax(z / tau, dim=-1)
         return -(tau**2) * (t.tensors["weights"] * log_q.gather(-1, t.tensors["indices"])).sum(-1)

@@ -50,9 +50,11 @@ class LogitCache:
                 f"{self.path} lacks the attributes {missing}: rebuild it with its cache stage"
             )
         if a.get("format_version") != FORMAT_VERSION:
+            stage = f"cache@{self.path.name.removesuffix('.zarr')}"
             raise CacheError(
                 f"{self.path} has cache format_version {a.get('format_version')!r}, this kdsweep reads "
-                f"{FORMAT_VERSION}: rebuild it with `dvc repro -f` on its cache stage"
+                f"{FORMAT_VERSION} (3: exact top-k tails, sampled stores at their own tau): "
+                f"rebuild it by re-running its cache stage, `dvc repro -f {stage}`"
             )
         if a.get("complete") is not True:
             raise CacheError(

@@ -99,7 +99,9 @@ def write_cache(
                     )
                 seed = spec.sample_seed * 1_000_003 + i + (0 if split == "train" else 500_009)
                 gen = torch.Generator().manual_seed(seed)
-                for name, arr in kind.encode(logits, spec.k, spec.dtype, gen).items():
+                for name, arr in kind.encode(
+                    logits, spec.k, spec.dtype, gen, tau=spec.sample_tau
+                ).items():
                     root[split][name][lo:hi] = arr
                 if split in views:
                     root[split]["aug"][lo:hi] = views[split][lo:hi].numpy().astype(np.int16)
