@@ -339,7 +339,19 @@ def _refused(raw: dict, *fragments: str) -> str:
         (("analysis", "controls"), ["ls_matched"] * 2, ["analysis.controls", "more than once"]),
         (("cache", "stores", "labels"), {"teacher": "main"}, ["'labels'"]),
         (("cache", "stores", "full", "k"), 3, ["cache.stores.full", "k=3 is meaningless"]),
-        (("methods", "kd_sampled4", "tau"), 4, ["methods.kd_sampled4.tau", "tau: 1"]),
+        (
+            ("methods", "kd_sampled4", "tau"),
+            4,
+            ["methods.kd_sampled4.tau", "cache.stores.sampled4.tau=1", "tau: 1"],
+        ),
+        (
+            ("cache", "stores", "sampled4", "tau"),
+            4.0,
+            ["methods.kd_sampled4.tau", "cache.stores.sampled4.tau=4"],
+        ),
+        (("cache", "stores", "full", "tau"), 4.0, ["cache.stores.full", "tau", "only"]),
+        (("cache", "stores", "sampled4", "tau"), 0, ["cache.stores.sampled4.tau"]),
+        (("methods", "kd_top3", "topk_mode"), "spreed", ["methods.kd_top3.topk_mode", "spread"]),
         # from the old pipeline tests: out-of-range values and names
         (("alphas",), [0.0, 0.5], ["alphas: every alpha must lie in (0, 1]"]),
         (("alphas",), [1.5], ["alphas: every alpha must lie in (0, 1]"]),

@@ -160,11 +160,17 @@ class StoreParams(Strict):
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     k: int | None = Field(None, gt=0)
     sample_seed: int = 0
+    tau: float = Field(1.0, gt=0)  # kind sampled only: draws from softmax(logits / tau)
 
     @model_validator(mode="after")
     def _known_and_k_matches_kind(self) -> StoreParams:
         _choice("teacher", self.teacher, TEACHERS)
         _choice("cache kind", self.kind, CACHE_KINDS)
+        if "tau" in self.model_fields_set and self.kind != "sampled":
+            raise ValueError(
+                f"tau={self.tau} is meaningful only for kind 'sampled' (the temperature its draws "
+                f"are made at), not {self.kind!r}: set tau on the methods instead"
+            )
         needs_k = CACHE_KINDS[self.kind].needs_k
         if not needs_k and self.k is not None:
             raise ValueError(f"k={self.k} is meaningless for kind {self.kind!r}")
@@ -220,7 +226,7 @@ class MethodParams(Strict):
     tau: Tau | list[Tau] = 1.0
     epsilon: Annotated[float, Field(ge=0, lt=1)] = 0.1
     cache: str | None = None  # which store of cache.stores; default: cache.reference
-    topk_mode: Literal["renorm", "tail"] = "tail"
+    topk_mode: Literal["tail", "spread", "renorm"] = "tail"  # TopK.distill: the tail model
 
     @field_validator("loss")
     @classmethod
@@ -344,10 +350,13 @@ class Params(Strict):
                     f"methods.{name}: loss {m.loss!r} reads caches of kind "
                     f"{', '.join(loss.kinds)}, not store {self.store_of(name)!r} ({store.kind})"
                 )
-            if m.uses_teacher and store.kind == "sampled" and m.taus != [1.0]:
+            if m.uses_teacher and store.kind == "sampled" and m.taus != [store.tau]:
+                s = self.store_of(name)
                 raise ValueError(
-                    f"methods.{name}.tau={m.tau}: a sampled cache holds draws from the teacher at "
-                    "tau=1, so its students must use tau: 1"
+                    f"methods.{name}.tau={m.tau}: store {s!r} holds draws from the teacher at "
+                    f"cache.stores.{s}.tau={store.tau:g}, so its students must train at exactly "
+                    f"that tau (set methods.{name}.tau: {store.tau:g}, or change "
+                    f"cache.stores.{s}.tau)"
                 )
         for key in ("methods", "ablation_methods"):
             names = getattr(self.sweep, key)

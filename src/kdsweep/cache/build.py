@@ -35,8 +35,15 @@ def build_cache(
     model = teacher_model(p, prep)
     load_checkpoint(model, checkpoint)
     model.eval()
+    sampled = store.kind == "sampled"  # read τ only where it means something (DVC tracks it)
     spec = StoreSpec(
-        store.kind, store.dtype, store.k, p.cache.chunk_rows, p.cache.codec, store.sample_seed
+        store.kind,
+        store.dtype,
+        store.k,
+        p.cache.chunk_rows,
+        p.cache.codec,
+        store.sample_seed,
+        store.tau if sampled else 1.0,
     )
     inputs = {"train": prep.splits.x_train, "test": prep.splits.x_test}
     t0 = time.perf_counter()

@@ -54,7 +54,14 @@ def open_store(p: Params, name: str, path: Path, teachers: Path, prep: Prepared)
             f"{teachers} holds no fingerprint of teacher {tid!r} ({err!r}): run "
             "`dvc repro teacher` or `dvc pull teacher`"
         ) from None
-    return LogitCache(path, fingerprint, prep.fingerprint)
+    cache = LogitCache(path, fingerprint, prep.fingerprint)
+    if cache.kind == "sampled" and cache.attrs["sample_tau"] != p.cache.stores[name].tau:
+        raise CacheError(
+            f"{path} holds draws at tau={cache.attrs['sample_tau']}, but "
+            f"cache.stores.{name}.tau={p.cache.stores[name].tau}: re-run its cache stage "
+            f"(`dvc repro cache@{name}`)"
+        )
+    return cache
 
 
 def student_data(
