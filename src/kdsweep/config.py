@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -33,7 +34,7 @@ from pydantic import (
 )
 
 from kdsweep.errors import KdsweepError
-from kdsweep.registry import ARCHS, CACHE_KINDS, DATASETS, HYPER, LOSSES, TEACHERS
+from kdsweep.registry import ARCHS, CACHE_KINDS, DATASETS, HYPER, LOSSES, TEACHERS, Registry
 
 STUDENTS_OF_LABELS = "labels"  # the student stage of methods that read no store
 
@@ -88,6 +89,16 @@ def _choice(kind: str, value: str, allowed: Any) -> None:
         raise ValueError(f"unknown {kind} {value!r}; allowed: {', '.join(allowed)}")
 
 
+def registered(reg: Registry) -> Any:
+    """The type of a params value that must name an entry of `reg`, checked when params load."""
+
+    def check(value: str) -> str:
+        _choice(reg.kind, value, reg)
+        return value
+
+    return Annotated[str, AfterValidator(check)]
+
+
 def _unique(key: str, values: list[Any], allow_empty: bool = True) -> None:
     if not values and not allow_empty:
         raise ValueError(f"{key} must not be empty")
@@ -99,7 +110,7 @@ def _unique(key: str, values: list[Any], allow_empty: bool = True) -> None:
 class DataParams(Strict):
     """A dataset or text corpus of `kdsweep.registry.DATASETS`."""
 
-    name: str = "mnist1d"
+    name: registered(DATASETS) = "mnist1d"
     n_train: int = Field(40000, gt=0)
     n_test: int = Field(10000, gt=0)
     seed: int = 0
@@ -111,12 +122,6 @@ class DataParams(Strict):
     vocab_size: int = Field(1024, ge=258)
     seq_len: int = Field(64, gt=1)
     test_fraction: float = Field(0.1, gt=0, lt=1)
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        _choice("dataset", v, DATASETS)
-        return v
 
     @model_validator(mode="after")
     def _source_fits(self) -> DataParams:
@@ -156,7 +161,7 @@ class StoreParams(Strict):
     """One Zarr store: which teacher (TEACHERS) it caches and in which kind (CACHE_KINDS)."""
 
     teacher: str  # required: DVC tracks it (the store's stage depends on that checkpoint)
-    kind: str = "full"
+    kind: registered(CACHE_KINDS) = "full"
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     k: int | None = Field(None, gt=0)
     sample_seed: int = 0
@@ -165,7 +170,6 @@ class StoreParams(Strict):
     @model_validator(mode="after")
     def _known_and_k_matches_kind(self) -> StoreParams:
         _choice("teacher", self.teacher, TEACHERS)
-        _choice("cache kind", self.kind, CACHE_KINDS)
         if "tau" in self.model_fields_set and self.kind != "sampled":
             raise ValueError(
                 f"tau={self.tau} is meaningful only for kind 'sampled' (the temperature its draws "
@@ -221,18 +225,12 @@ Tau = Annotated[float, Field(gt=0)]
 class MethodParams(Strict):
     """One student recipe. `loss` (LOSSES) defaults to the method's own name in params.yaml."""
 
-    loss: str
+    loss: registered(LOSSES)
     lam: Unit = Field(1.0, alias="lambda")
     tau: Tau | list[Tau] = 1.0
     epsilon: Annotated[float, Field(ge=0, lt=1)] = 0.1
     cache: str | None = None  # which store of cache.stores; default: cache.reference
     topk_mode: Literal["tail", "spread", "renorm"] = "tail"  # TopK.distill: the tail model
-
-    @field_validator("loss")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        _choice("loss", v, LOSSES)
-        return v
 
     @model_validator(mode="after")
     def _hyper_used_by_loss(self) -> MethodParams:
