@@ -50,6 +50,16 @@ def test_removing_a_dep_from_dvc_yaml_is_caught() -> None:
     assert code_gaps(stage) == ({"src/kdsweep/models/vision.py"}, set())
 
 
+def test_sync_restores_a_removed_dep_and_keeps_the_rest(tmp_path: Path) -> None:
+    original = (REPO / "dvc.yaml").read_text()
+    broken = tmp_path / "dvc.yaml"
+    broken.write_text(original.replace("      - src/kdsweep/models/vision.py\n", "", 1))
+    assert broken.read_text() != original
+    assert deps.sync_dvc_yaml(broken)
+    assert broken.read_text() == original
+    assert not deps.sync_dvc_yaml(broken)
+
+
 def test_deps_are_precise() -> None:
     """Editing the report never re-runs a teacher; editing the cache writer never re-trains it;
     students never run teacher code; the report never opens a Zarr store."""

@@ -136,12 +136,19 @@ def registry() -> None:
 
 
 @app.command()
-def deps(script: Path) -> None:
-    """The project source files a stage script runs (what dvc.yaml must list as its deps)."""
-    from kdsweep.deps import closure
+def deps(
+    script: Path | None = typer.Argument(None, help="a stage script, e.g. stages/student.py"),
+    write: bool = typer.Option(False, help="rewrite every stage's code deps in dvc.yaml"),
+) -> None:
+    """The project source files a stage script runs (what dvc.yaml must list as its deps);
+    `--write` puts each stage's closure into dvc.yaml after an import changed."""
+    from kdsweep.deps import closure, sync_dvc_yaml
 
-    for path in sorted(closure(script)):
-        console.print(str(path))
+    if write:
+        console.print("dvc.yaml updated" if sync_dvc_yaml() else "dvc.yaml already up to date")
+    if script is not None:
+        for path in sorted(closure(script)):
+            console.print(str(path))
 
 
 if __name__ == "__main__":

@@ -80,6 +80,31 @@ def closure(script: Path) -> set[Path]:
     return {p.relative_to(ROOT) if p.is_relative_to(ROOT) else p for p in seen}
 
 
+def sync_dvc_yaml(dvc_yaml: Path = ROOT / "dvc.yaml") -> bool:
+    """Rewrite each stage's code deps in `dvc_yaml` to its script's closure (the script first,
+    then the rest sorted), leaving every other line as it is; True if the file changed. Run it
+    (`kdsweep deps --write`) after changing imports."""
+    lines = Path(dvc_yaml).read_text().split("\n")
+    out, i = [], 0
+    while i < len(lines):
+        m = re.match(r"^(\s*)- (stages/\S+\.py)$", lines[i])
+        if not m:
+            out.append(lines[i])
+            i += 1
+            continue
+        indent, script = m.groups()
+        i += 1
+        while i < len(lines) and re.match(r"^\s*- (src|stages)/", lines[i]):
+            i += 1
+        files = sorted(str(f) for f in closure(ROOT / script) if str(f) != script)
+        out += [f"{indent}- {f}" for f in [script, *files]]
+    new = "\n".join(out)
+    changed = new != Path(dvc_yaml).read_text()
+    if changed:
+        Path(dvc_yaml).write_text(new)
+    return changed
+
+
 def import_graph() -> dict[str, set[str]]:
     """Every kdsweep module and the project modules it imports (with registry loads)."""
     graph = {}
