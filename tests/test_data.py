@@ -5,10 +5,13 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kdsweep.config import DataParams
 from kdsweep.data.prepare import build_splits, prepare
 from kdsweep.data.prepared import (
+    carve_validation,
     load_prepared,
     nested_order,
     subset_indices,
@@ -138,3 +141,32 @@ def test_prepare_writes_one_nested_order_per_subset_seed(tmp_path):
         prep.subset(0.1, 7)
     with pytest.raises(DataError, match="fewer than the 10 classes"):
         prep.subset(0.01, 0)  # 6 of 600 samples
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    n=st.integers(30, 2000),
+    classes=st.integers(2, 10),
+    fraction=st.sampled_from([0.1, 0.2, 0.25, 0.5]),
+    seed=st.integers(0, 3),
+)
+def test_validation_carve_is_disjoint_nested_and_class_balanced(n, classes, fraction, seed):
+    y = torch.arange(n) % classes
+    order = nested_order(y, seed)
+    parts = []
+    for m in sorted({30, n // 2, n}):
+        sub = order[:m]
+        train, val = carve_validation(sub, y[sub], fraction)
+        assert len(set(train.tolist()) | set(val.tolist())) == m  # a partition of the subset
+        per_class = torch.bincount(y[val], minlength=classes).float()
+        in_subset = torch.bincount(y[sub], minlength=classes).float()
+        # every class validates in proportion: no aliasing with the order's class cycle
+        assert (per_class - fraction * in_subset).abs().max() <= 2
+        parts.append((set(train.tolist()), set(val.tolist())))
+    for (t0, v0), (t1, v1) in zip(parts, parts[1:], strict=False):
+        assert t0 <= t1 and v0 <= v1  # nested across α, like the subsets
+
+
+def test_validation_carve_refuses_a_subset_too_small_to_validate():
+    with pytest.raises(DataError, match="cannot be split .* at student.val_fraction=0.1"):
+        carve_validation(torch.arange(4), torch.zeros(4), 0.1)

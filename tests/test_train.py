@@ -128,11 +128,19 @@ def test_fit_raises_on_a_non_finite_loss():
 
 
 @pytest.mark.parametrize(
-    ("mode", "value", "n", "bs", "steps"),
-    [("steps", 50, 10, 32, 50), ("epochs", 3, 100, 32, 12), ("epochs", 2, 10, 32, 2)],
+    ("mode", "value", "n", "bs", "min_epochs", "steps"),
+    [
+        ("steps", 50, 10, 32, 0, 50),
+        ("epochs", 3, 100, 32, 0, 12),
+        ("epochs", 2, 10, 32, 0, 2),
+        ("steps", 50, 10, 32, 60, 60),  # 60 passes over one batch outrun 50 steps
+        ("steps", 50, 1000, 32, 2, 64),  # at large n the epoch floor decides
+        ("steps", 50, 100, 32, 2, 50),
+        ("epochs", 3, 100, 32, 5, 20),
+    ],
 )
-def test_num_steps(mode, value, n, bs, steps):
-    assert num_steps(mode, value, n, bs) == steps
+def test_num_steps(mode, value, n, bs, min_epochs, steps):
+    assert num_steps(mode, value, n, bs, min_epochs) == steps
 
 
 def test_accuracy_counts_positions():

@@ -47,6 +47,9 @@ class RunRecord:
     budget_mode: str
     epochs: float
     steps: int
+    n_val: int  # validation rows carved from the subset (selection reads val_*, never test_*)
+    val_acc: float
+    val_ppl: float | None
     test_acc: float
     test_error: float
     test_ppl: float | None

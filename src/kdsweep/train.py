@@ -34,9 +34,11 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def num_steps(mode: str, value: int, n: int, batch_size: int) -> int:
-    """Budget in optimizer steps: `steps` is the same for every α, `epochs` scales with the subset."""
-    return value if mode == "steps" else value * math.ceil(n / min(batch_size, n))
+def num_steps(mode: str, value: int, n: int, batch_size: int, min_epochs: int = 0) -> int:
+    """Budget in optimizer steps: `steps` is the same for every α, `epochs` scales with the
+    subset; either way at least `min_epochs` passes over the n rows."""
+    per_epoch = math.ceil(n / min(batch_size, n))
+    return max(value if mode == "steps" else value * per_epoch, min_epochs * per_epoch)
 
 
 class AdamW:

@@ -54,6 +54,32 @@ def subset_indices(order: torch.Tensor, alpha: float, min_rows: int) -> torch.Te
     return order[:m]
 
 
+def carve_validation(
+    subset: torch.Tensor, groups: torch.Tensor, fraction: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) rows of a subset; selection (τ, budget) reads only the validation
+    rows, never the test split.
+
+    The k-th row of group g (its class; one group for token sequences) validates when
+    frac((k + g + 1)·φ) < fraction, φ the golden ratio: a low-discrepancy rule per class, so
+    every class validates in proportion (within a row or two), the split is nested across α like
+    the subsets, and every student of one (α, seed) gets the same split whatever its method. A
+    rule on positions alone (every k-th row) would alias with the interleaved order's class cycle.
+    """
+    golden = (1 + 5**0.5) / 2
+    k = torch.empty(len(subset), dtype=torch.float64)
+    for g in groups.unique():
+        rows = groups == g
+        k[rows] = torch.arange(int(rows.sum()), dtype=torch.float64) + float(g)
+    val = torch.frac((k + 1) * golden) < fraction
+    if not val.any() or val.all():
+        raise DataError(
+            f"a subset of {len(subset)} rows cannot be split into training and validation rows at "
+            f"student.val_fraction={fraction}: raise alpha or data.n_train"
+        )
+    return subset[~val], subset[val]
+
+
 def write_prepared(out: Path, splits: Splits, seeds: list[int]) -> None:
     """Write the splits and subset orders. α plays no part here, so adding an α re-runs no teacher."""
     out.mkdir(parents=True, exist_ok=True)
@@ -99,6 +125,16 @@ class Prepared:
         # a classifier's subset must hold every class; a language model's needs one sequence
         min_rows = 1 if self.splits.tokenizer_json else self.splits.num_classes
         return subset_indices(self.orders[seed], alpha, min_rows)
+
+    def split(
+        self, alpha: float, seed: int, val_fraction: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The α-subset's (train, validation) row ids (`carve_validation`), stratified by class
+        for a classifier."""
+        idx = self.subset(alpha, seed)
+        y = self.splits.y_train
+        groups = y[idx] if y.dim() == 1 else torch.zeros(len(idx), dtype=torch.long)
+        return carve_validation(idx, groups, val_fraction)
 
 
 def load_prepared(path: Path) -> Prepared:
