@@ -255,15 +255,15 @@ def test_loss_entry_is_consistent(name: str):
         assert "lambda" in loss.hyper and (loss.distill == "mse") == ("tau" not in loss.hyper)
     if loss.is_control:  # KD on transformed targets
         assert loss.distill == "kl" and loss.hypothesis is not None
-    if loss.hypothesis is not None:
-        assert loss.is_control
+    if loss.hypothesis is not None:  # a control, or plain label smoothing (its own control)
+        assert loss.is_control or loss.smooth_labels
     # needs a teacher exactly when it reads the teacher's outputs in some form
     reads = loss.distill is not None or loss.labels == "teacher" or loss.is_control
     assert loss.needs_teacher == reads
     # the transform of the cached logits keeps their shape; the identity keeps them as they are
     g = torch.Generator().manual_seed(0)
     logits, y = torch.randn(6, CLASSES, generator=g), torch.arange(6) % CLASSES
-    out = transform(logits, y, 0.1, 0)
+    out = transform(logits, y, 0.1, 0, 4.0)
     assert out.shape == logits.shape and torch.isfinite(out).all()
     assert torch.equal(out, logits) != loss.is_control
 

@@ -262,12 +262,19 @@ class SweepParams(Strict):
 
 
 class AnalysisParams(Strict):
+    """How kdsweep.analysis reads the runs: baseline and reference methods, the controls compared
+    with the reference, the confidence level of every interval (and 1 − ci the level of every
+    test), the bootstrap of the multiplier, and the equivalence margin: a control "matches" only
+    if two one-sided tests put the difference within ±margin (score units: accuracy or
+    perplexity)."""
+
     baseline: str = "ce"
     reference: str = "kd"
     controls: list[str] = []
     n_boot: int = Field(2000, gt=0)
     ci: float = Field(0.95, gt=0, lt=1)
     seed: int = 0
+    equivalence_margin: float = Field(0.01, gt=0)
 
 
 class Params(Strict):

@@ -166,7 +166,8 @@ CACHE_KINDS.register(
 #
 # A student loss is  λ·distill(targets, z, τ) + (1 − λ)·CE(labels, z)  where
 #   impl:     the transform of the cached teacher logits into the targets (a control's whole
-#             definition; `identity` for the rest): (logits, y, epsilon, seed) -> logits;
+#             definition, built at the training τ; `identity` for the rest):
+#             (logits, y, epsilon, seed, tau) -> logits;
 #   distill:  "kl" (τ²·KL through the cache kind's own term), "mse" (logit MSE, τ → ∞) or None;
 #   labels:   "true" or "teacher" (the teacher's argmax as a hard label).
 # Losses with the same (distill, label smoothing) compute the same function and share a stack.
@@ -179,6 +180,8 @@ class Loss(Entry):
     hyper: tuple[str, ...] = ()  # which of lambda, tau, epsilon, topk_mode the loss reads
     kinds: tuple[str, ...] = ("full",)  # cache kinds it can read (when it reads one)
     smooth_labels: bool = False  # epsilon smooths the CE labels
+    # what a control tests (Tang et al. 2020's split of KD): universal smoothing, instance-specific
+    # confidence without class structure, or class relationships (kdsweep.analysis reads it)
     hypothesis: Literal["label_smoothing", "confidence", "dark_knowledge"] | None = None
 
     @property
@@ -196,7 +199,14 @@ _C = "kdsweep.controls"
 _KD = ("lambda", "tau")
 LOSSES.register(Loss("ce", f"{_C}:identity", "cross-entropy on labels", labels="true"))
 LOSSES.register(
-    Loss("ls", f"{_C}:identity", "label smoothing (ε)", hyper=("epsilon",), smooth_labels=True)
+    Loss(
+        "ls",
+        f"{_C}:identity",
+        "label smoothing (ε)",
+        hyper=("epsilon",),
+        smooth_labels=True,
+        hypothesis="label_smoothing",
+    )
 )
 LOSSES.register(
     Loss(
@@ -215,9 +225,9 @@ LOSSES.register(
     Loss(
         "ls_teacher",
         f"{_C}:ls_teacher",
-        "a smoothed one-hot (ε) used as the teacher",
+        "one-hot smoothed by the teacher's mean non-target mass ε̄ at τ, as the teacher",
         distill="kl",
-        hyper=(*_KD, "epsilon"),
+        hyper=_KD,
         hypothesis="label_smoothing",
     )
 )
@@ -225,7 +235,7 @@ LOSSES.register(
     Loss(
         "ls_matched",
         f"{_C}:ls_matched",
-        "teacher's target mass p_T(y|x), the rest uniform",
+        "teacher's target mass p_T^τ(y|x) at τ, the rest uniform",
         distill="kl",
         hyper=_KD,
         hypothesis="confidence",

@@ -88,7 +88,9 @@ def student_data(
             "full",
             {
                 **t.tensors,
-                "logits": transform(flat, per_row, job.m.epsilon, job.seed).reshape(logits.shape),
+                "logits": transform(flat, per_row, job.m.epsilon, job.seed, job.tau).reshape(
+                    logits.shape
+                ),
             },
         )
     if loss.labels == "teacher":
