@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +23,11 @@ from kdsweep.analysis import (
 from kdsweep.config import STUDENTS_OF_LABELS, AnalysisParams
 from kdsweep.errors import KdsweepError
 from kdsweep.runs import RUN_SCHEMA, collect_runs, read_runs, write_parquet
-from kdsweep.stats import (
-    bootstrap_ci,
-    data_efficiency_multiplier,
-    median_multiplier,
-    relative_gain,
-)
 
 SETTINGS = AnalysisParams(
     baseline="ce",
     reference="kd",
-    controls=["ls_matched", "shuffled_dk", "top1_teacher"],
+    controls=["ls", "ls_matched", "shuffled_dk", "top1_teacher"],
     n_boot=400,
     ci=0.95,
     seed=0,
@@ -57,6 +52,8 @@ def run_row(**kw: Any) -> dict[str, Any]:
         "budget_mode": "steps",
         "epochs": 1.0,
         "steps": 10,
+        "n_val": 10,
+        "val_acc": 0.5,
         "test_acc": 0.5,
         "train_seconds": 1.0,
         "train_path": "sequential",
@@ -86,14 +83,16 @@ ABLATIONS = {"kd_tau", "logit_mse", "kd_top2", "kd_top4", "kd_sampled4"}
 
 def synthetic_acc(method: str, tau: float | None, k: int | None, alpha: float, seed: int) -> float:
     """CE rises 0.5 → 0.9 over α = 0.01 … 1 (linear in log α); KD is worth +0.15 at α=0.01,
-    fading to +0.02 at α=1 (so it beats every CE point there); ls_matched matches KD,
-    shuffled_dk falls short by 0.1 at small α, top-k loses a little per missing entry."""
+    fading to +0.02 at α=1 (so it beats every CE point there); ls recovers +0.005 of it,
+    ls_matched matches KD, shuffled_dk falls short by 0.1 at small α, top-k loses a little per
+    missing entry. Each seed shifts every method alike (its subset), plus a student's own noise
+    (sd 0.002, fixed per student)."""
     x = (math.log10(alpha) + 2) / 2  # 0 at α=0.01, 1 at α=1
     ce = 0.5 + 0.4 * x
     kd = ce + 0.15 - 0.13 * x
     acc = {
         "ce": ce,
-        "ls": ce + 0.01,
+        "ls": ce + 0.005,
         "kd": kd,
         "ls_matched": kd,
         "shuffled_dk": kd - 0.1 * (1 - x),
@@ -101,7 +100,8 @@ def synthetic_acc(method: str, tau: float | None, k: int | None, alpha: float, s
         "kd_tau": kd - (0.03 if tau == 1.0 else 0.01),
         "logit_mse": kd - 0.005,
     }.get(method, kd - 0.02 / (k or 1))
-    return acc + 0.004 * (seed - 1)
+    noise = np.random.default_rng(zlib.crc32(repr((method, tau, k, alpha, seed)).encode()))
+    return acc + 0.004 * (seed - 1) + 0.002 * noise.standard_normal()
 
 
 def synthetic_rows(
@@ -117,7 +117,11 @@ def synthetic_rows(
         for alpha in (alphas[0], alphas[-1]) if method in ABLATIONS else alphas:
             for s in seeds:
                 acc = synthetic_acc(method, tau, k, alpha, s)
-                score = {"test_acc": acc} if task == "vision" else {"test_ppl": 100 * (1 - acc)}
+                score = (
+                    {"test_acc": acc, "val_acc": acc}
+                    if task == "vision"
+                    else {"test_ppl": 100 * (1 - acc), "val_ppl": 100 * (1 - acc)}
+                )
                 rows.append(
                     run_row(
                         run_id=f"{method}-{tau}-{alpha}-{s}",
@@ -163,102 +167,18 @@ def write_students(root: Path, rows: list[dict[str, Any]]) -> list[str]:
     return list(groups)
 
 
-# --- bootstrap --------------------------------------------------------------------------------
+# --- controls, verdicts and hypotheses ----------------------------------------------------------
 
 
-def test_bootstrap_constant_and_single_values_give_a_point() -> None:
-    rng = np.random.default_rng(0)
-    assert bootstrap_ci([0.3, 0.3, 0.3], 500, 0.95, rng) == (0.3, 0.3)
-    assert bootstrap_ci([0.7], 500, 0.95, rng) == (0.7, 0.7)
-
-
-def test_bootstrap_contains_the_mean_and_is_deterministic_per_seed() -> None:
-    v = [0.1, 0.4, 0.5, 0.9, 0.2, 0.6]
-    lo, hi = bootstrap_ci(v, 2000, 0.95, np.random.default_rng(1))
-    assert lo < np.mean(v) < hi
-    assert lo > min(v) and hi < max(v)  # an interval of the mean, not of the values
-    assert bootstrap_ci(v, 2000, 0.95, np.random.default_rng(1)) == (lo, hi)
-    assert bootstrap_ci(v, 2000, 0.95, np.random.default_rng(2)) != (lo, hi)
-    lo90, hi90 = bootstrap_ci(v, 2000, 0.90, np.random.default_rng(1))
-    assert lo < lo90 and hi90 < hi
-
-
-# --- data-efficiency multiplier -------------------------------------------------------------
-
-BASE_A, BASE_ACC = [0.01, 0.1, 1.0], [0.5, 0.7, 0.9]
-
-
-def test_multiplier_at_a_baseline_point_is_exact() -> None:
-    m, censored = data_efficiency_multiplier(BASE_A, BASE_ACC, 0.7, 0.01, True)
-    assert m == pytest.approx(10.0, rel=1e-12) and not censored
-
-
-def test_multiplier_interpolates_in_log_alpha() -> None:
-    # 0.6 is halfway from 0.5 to 0.7, so α* is halfway between 0.01 and 0.1 in log α: 10^-1.5
-    m, censored = data_efficiency_multiplier(BASE_A, BASE_ACC, 0.6, 0.01, True)
-    assert m == pytest.approx(10**-1.5 / 0.01, rel=1e-12) and not censored
-    # input order does not matter
-    m2, _ = data_efficiency_multiplier(BASE_A[::-1], BASE_ACC[::-1], 0.6, 0.01, True)
-    assert m2 == pytest.approx(m, rel=1e-12)
-
-
-def test_multiplier_is_censored_when_the_reference_beats_every_baseline_point() -> None:
-    assert data_efficiency_multiplier(BASE_A, BASE_ACC, 0.95, 0.01, True) == (100.0, True)
-
-
-def test_multiplier_is_clamped_below_the_smallest_alpha() -> None:
-    m, censored = data_efficiency_multiplier(BASE_A, BASE_ACC, 0.4, 0.1, True)
-    assert m == pytest.approx(0.1, rel=1e-12) and not censored
-
-
-def test_multiplier_makes_the_baseline_monotone() -> None:
-    # raw curve dips at α=0.2 (0.8 → 0.7); the running max holds 0.8 until α=1, so 0.85 is
-    # crossed halfway (in log α) between 0.2 and 1.0, not 3/4 of the way as the raw curve says
-    m, _ = data_efficiency_multiplier([0.01, 0.1, 0.2, 1.0], [0.5, 0.8, 0.7, 0.9], 0.85, 0.1, True)
-    assert m == pytest.approx(math.sqrt(0.2) / 0.1, rel=1e-12)
-
-
-def test_multiplier_for_perplexity_lower_is_better() -> None:
-    m, censored = data_efficiency_multiplier(BASE_A, [30.0, 20.0, 10.0], 20.0, 0.01, False)
-    assert m == pytest.approx(10.0, rel=1e-12) and not censored
-    assert data_efficiency_multiplier(BASE_A, [30.0, 20.0, 10.0], 5.0, 0.01, False) == (100.0, True)
-
-
-def test_median_multiplier_is_a_lower_bound_only_if_a_censored_value_can_move_it() -> None:
-    assert median_multiplier([1.0, 2.0, 100.0], [False, False, True]) == (2.0, False)
-    assert median_multiplier([1.0, 2.0, 100.0], [True, False, False]) == (2.0, True)
-    assert median_multiplier([1.0, 2.0, 3.0, 100.0], [False, False, True, False]) == (2.5, True)
-
-
-# --- relative gain and verdicts ---------------------------------------------------------------
-
-
-def _gain(ref: list[float], base: list[float], hib: bool, paired: bool = True) -> tuple[float, ...]:
-    rng = np.random.default_rng(0)
-    return relative_gain(ref, base, hib, paired=paired, n_boot=500, ci=0.95, rng=rng)
-
-
-def test_relative_gain_sign_for_accuracy_and_perplexity() -> None:
-    assert _gain([0.6], [0.5], True)[0] == pytest.approx(0.2)
-    assert _gain([0.4], [0.5], True)[0] == pytest.approx(-0.2)
-    assert _gain([8.0], [10.0], False)[0] == pytest.approx(0.2)
-    assert _gain([12.0], [10.0], False)[0] == pytest.approx(-0.2)
-
-
-def test_paired_gain_cancels_the_subset_variance() -> None:
-    base = [0.5, 0.6, 0.7]
-    ref = [1.2 * b for b in base]
-    g, lo, hi = _gain(ref, base, True, paired=True)
-    assert (g, lo, hi) == pytest.approx((0.2, 0.2, 0.2))
-    _, lo_i, hi_i = _gain(ref, base, True, paired=False)
-    assert hi_i - lo_i > 0.1
-
-
-def test_verdict_thresholds() -> None:
-    assert verdict(0.01, 0.05, 3) == "falls short"
-    assert verdict(-0.01, 0.05, 3) == "matches"
-    assert verdict(-0.05, -0.01, 3) == "exceeds"
-    assert verdict(0.01, 0.05, 1) == "undetermined (n<2)"
+def test_verdict_needs_equivalence_to_match() -> None:
+    assert verdict(0.01, 0.05, 0.3, 0.95, 5) == "falls short"
+    assert verdict(-0.05, -0.01, 0.3, 0.95, 5) == "exceeds"
+    assert verdict(-0.003, 0.004, 0.01, 0.95, 5) == "matches"
+    # the interval contains 0 but equivalence is not shown: too noisy to tell
+    assert verdict(-0.05, 0.05, 0.4, 0.95, 5) == "inconclusive"
+    # significant but within the margin: equivalent for the question asked
+    assert verdict(0.001, 0.004, 0.01, 0.95, 5) == "matches"
+    assert verdict(0.01, 0.05, 0.01, 0.95, 1) == "undetermined (n<2)"
 
 
 def _by(rows: list[dict[str, Any]], control: str, alpha: float) -> dict[str, Any]:
@@ -268,15 +188,35 @@ def _by(rows: list[dict[str, Any]], control: str, alpha: float) -> dict[str, Any
 
 @pytest.mark.parametrize("task", ["vision", "lm"])
 def test_verdicts_on_synthetic_controls(task: str) -> None:
-    settings = AnalysisParams(reference="kd", controls=["ls_matched", "shuffled_dk"], n_boot=500)
+    margin = 0.01 if task == "vision" else 1.0  # accuracy, or perplexity (100·(1 − acc))
+    settings = AnalysisParams(
+        controls=["ls_matched", "shuffled_dk"], n_boot=100, equivalence_margin=margin
+    )
     rows = analyse(table_of(synthetic_rows(task=task)), settings).verdicts
     assert {(r["control"], r["alpha"]) for r in rows} == {
         (c, a) for c in ("ls_matched", "shuffled_dk") for a in (0.02, 0.1, 1.0)
     }
-    assert _by(rows, "ls_matched", 0.02)["verdict"] == "matches"  # identical scores
+    same = _by(rows, "ls_matched", 0.02)  # the same mean, own noise: equivalent within ±margin
+    assert same["verdict"] == "matches" and same["p_equivalent"] < 0.05
     short = _by(rows, "shuffled_dk", 0.02)
     assert short["verdict"] == "falls short" and short["advantage"] > 0 and short["paired"]
+    assert short["share"] == pytest.approx(1 - 0.085 / 0.1305, abs=0.05)
+    assert short["share_low"] < short["share"] < short["share_high"]
     assert _by(rows, "shuffled_dk", 1.0)["verdict"] == "matches"  # the gap closes at α=1
+    assert all(r["gain_significant"] and r["hypothesis"] for r in rows)
+
+
+def test_too_noisy_a_control_is_inconclusive_not_a_match() -> None:
+    rows = synthetic_rows(methods={"ce", "kd", "ls_matched"})
+    rng = np.random.default_rng(0)
+    for r in rows:
+        if r["method"] == "ls_matched":
+            r["test_acc"] += rng.normal(0, 0.05)
+    settings = AnalysisParams(controls=["ls_matched"], n_boot=100)
+    verdicts = analyse(table_of(rows), settings).verdicts
+    for v in verdicts:
+        assert v["ci_low"] < 0 < v["ci_high"]  # the old reading: "matches"
+        assert v["verdict"] == "inconclusive"
 
 
 def test_a_control_better_than_the_reference_exceeds_it() -> None:
@@ -286,21 +226,56 @@ def test_a_control_better_than_the_reference_exceeds_it() -> None:
             r["test_acc"] += 0.05
     settings = AnalysisParams(reference="kd", controls=["ls_matched"], n_boot=500)
     (v, *_) = analyse(table_of(rows), settings).verdicts
-    assert v["verdict"] == "exceeds" and v["advantage"] == pytest.approx(-0.05)
+    assert v["verdict"] == "exceeds" and v["advantage"] == pytest.approx(-0.05, abs=0.01)
+    assert v["share"] is None and not v["gain_significant"]  # no ce: no gain to share
+
+
+def test_controls_are_read_only_where_kds_gain_is_significant() -> None:
+    rows = synthetic_rows(methods={"ce", "kd", "shuffled_dk"})
+    for r in rows:
+        if r["method"] == "kd" and r["alpha"] == 0.1:  # KD no better than CE at α=0.1
+            r["test_acc"] = synthetic_acc("ce", None, None, 0.1, r["subset_seed"])
+    an = analyse(table_of(rows), SETTINGS)
+    v = _by(an.verdicts, "shuffled_dk", 0.1)
+    assert not v["gain_significant"] and v["share"] is None
+    assert not next(g for g in an.gains if g["alpha"] == 0.1)["significant"]
+    assert an.hypotheses["dark_knowledge"]["tested_alphas"] == [0.02, 1.0]
+
+
+def test_a_control_is_compared_with_kd_at_its_own_tau() -> None:
+    rows = synthetic_rows(methods={"ce", "kd_tau"}, alphas=(0.02, 1.0))
+    for r in synthetic_rows(methods={"shuffled_dk"}, alphas=(0.02, 1.0)):
+        for tau in (1.0, 16.0):
+            rows.append(r | {"method": "shuffled_dk", "tau": tau, "run_id": f"{r['run_id']}{tau}"})
+    an = analyse(table_of(rows), AnalysisParams(reference="kd_tau", controls=["shuffled_dk"]))
+    refs = {(v["control"], v["reference"], v["same_tau"]) for v in an.verdicts}
+    assert refs == {
+        ("shuffled_dk(τ=1)", "kd_tau(τ=1)", True),
+        ("shuffled_dk(τ=16)", "kd_tau(τ=16)", True),
+    }
 
 
 def test_hypothesis_assessment_reads_the_verdicts() -> None:
     an = analyse(table_of(synthetic_rows()), SETTINGS)
-    h = hypothesis_assessment(an.verdicts)
-    assert h["controls"] == ["ls_matched", "shuffled_dk"]  # top1_teacher is not an LS control
-    assert h["tested_alphas"] == [0.02, 0.1, 1.0]
-    # shuffled_dk falls short at small α but ls_matched matches there, so neither explanation
-    # holds at every α; only at α=1 do both controls match
-    assert h["label_smoothing"] == {"supported_at": [1.0], "verdict": "partly supported"}
-    assert h["dark_knowledge"]["supported_at"] == []
-    assert h["dark_knowledge"]["verdict"] == "not supported"
-    assert h["dark_knowledge"]["largest_shortfall_alpha"] == 0.02
-    assert h["dark_knowledge"]["largest_at_smallest_alpha"]
+    h = an.hypotheses
+    assert h == hypothesis_assessment(an.verdicts)
+    assert set(h) == {"label_smoothing", "confidence", "dark_knowledge"}
+    # ls recovers a fixed +0.005 of a gain that fades from 0.13 to 0.02: it falls short of KD
+    # at every α, so universal smoothing does not explain KD's gain
+    ls = h["label_smoothing"]
+    assert ls["controls"] == ["ls"] and ls["tested_alphas"] == [0.02, 0.1, 1.0]
+    assert ls["refuted_at"] == [0.02, 0.1, 1.0] and ls["verdict"] == "refuted"
+    # ls_matched (the teacher's per-sample confidence, no structure) matches KD everywhere
+    conf = h["confidence"]
+    assert conf["supported_at"] == [0.02, 0.1, 1.0] and conf["verdict"] == "supported"
+    # shuffled_dk falls short at small α (structure matters there) but not at α=1
+    dk = h["dark_knowledge"]
+    assert dk["supported_at"] == [0.02, 0.1] and dk["refuted_at"] == [1.0]
+    assert dk["verdict"] == "partly supported"
+    assert dk["largest_missing_alpha"] == 0.02 and dk["largest_at_smallest_alpha"]
+    assert dk["mean_share"][0.02] < dk["mean_share"][0.1] < 0.6 < dk["mean_share"][1.0]
+    # top1_teacher tests no hypothesis
+    assert all("top1_teacher" not in x["controls"] for x in h.values())
 
 
 # --- tables, variants, summaries ----------------------------------------------------------------
@@ -316,10 +291,12 @@ def test_summarize_groups_by_variant_and_alpha() -> None:
     summary = analyse(table_of(synthetic_rows()), AnalysisParams(n_boot=500)).summary
     by = {(r["variant"], r["alpha"]): r for r in summary}
     ce = by[("ce", 0.1)]
+    accs = [synthetic_acc("ce", None, None, 0.1, s) for s in (0, 1, 2)]
     assert ce["n"] == 3 and ce["score_name"] == "test_acc"
-    assert ce["mean"] == pytest.approx(synthetic_acc("ce", None, None, 0.1, 1))
-    assert ce["std"] == pytest.approx(0.004)
-    assert ce["ci_low"] < ce["mean"] < ce["ci_high"]
+    assert ce["mean"] == pytest.approx(np.mean(accs)) == pytest.approx(ce["val_mean"])
+    assert ce["std"] == pytest.approx(np.std(accs, ddof=1))
+    half = 4.302652729911275 * ce["std"] / math.sqrt(3)  # Student t_{0.975, 2}
+    assert (ce["ci_low"], ce["ci_high"]) == pytest.approx((ce["mean"] - half, ce["mean"] + half))
     assert ce["agreement"] == pytest.approx(ce["mean"]) and ce["neg_kl_frac"] is None
     assert ("kd_tau(τ=16)", 0.1) not in by and ("kd_tau(τ=16)", 1.0) in by
 
@@ -328,7 +305,8 @@ def test_summarize_uses_perplexity_for_language_models() -> None:
     table = table_of(synthetic_rows(task="lm", methods={"ce"}))
     summary = analyse(table, AnalysisParams(n_boot=100)).summary
     assert {r["score_name"] for r in summary} == {"test_ppl"}
-    assert summary[0]["mean"] == pytest.approx(100 * (1 - synthetic_acc("ce", None, None, 0.02, 1)))
+    accs = [synthetic_acc("ce", None, None, 0.02, s) for s in (0, 1, 2)]
+    assert summary[0]["mean"] == pytest.approx(100 * (1 - np.mean(accs)))
 
 
 def test_mixed_tasks_are_refused() -> None:
@@ -337,27 +315,61 @@ def test_mixed_tasks_are_refused() -> None:
         Runs.from_table(table_of(rows))
 
 
-def test_reference_with_several_taus_resolves_to_the_best() -> None:
-    runs = Runs.from_table(table_of(synthetic_rows(methods={"ce", "kd_tau"})))
+def test_reference_with_several_taus_resolves_to_the_best_on_validation() -> None:
+    rows = synthetic_rows(methods={"ce", "kd_tau"})
+    runs = Runs.from_table(table_of(rows))
     assert runs.resolve("kd_tau") == "kd_tau(τ=16)"  # 0.01 below kd vs 0.03 for τ=1
     assert runs.resolve("kd_tau(τ=1)") == "kd_tau(τ=1)"
     assert runs.resolve("kd") is None
+    # validation says τ=1, test says τ=16: the validation score decides
+    for r in rows:
+        if r["tau"] == 1.0:
+            r["val_acc"] += 0.05
+    assert Runs.from_table(table_of(rows)).resolve("kd_tau") == "kd_tau(τ=1)"
+    an = analyse(table_of(rows), AnalysisParams(reference="kd_tau"))
+    assert an.reference == "kd_tau(τ=1)" and an.gains[0]["reference"] == "kd_tau(τ=1)"
+
+
+class GuardedRow(dict):
+    """A run row that fails the test if selection reads a test score."""
+
+    def __getitem__(self, key: str) -> Any:
+        assert key not in ("score", "test_acc", "test_ppl", "test_error"), key
+        return super().__getitem__(key)
+
+
+def test_selection_never_reads_a_test_column() -> None:
+    runs = Runs.from_table(table_of(synthetic_rows(methods={"ce", "kd_tau"})))
+    guarded = Runs([GuardedRow(r) for r in runs.rows], "vision", "test_acc", "val_acc", True)
+    assert guarded.resolve("kd_tau") == runs.resolve("kd_tau") == "kd_tau(τ=16)"
+    with pytest.raises(AssertionError, match="score"):
+        guarded.rows[0]["score"]  # the guard works
+
+
+def test_selection_without_validation_scores_is_refused() -> None:
+    rows = synthetic_rows(methods={"kd_tau"})
+    rows[0]["val_acc"] = None
+    with pytest.raises(KdsweepError, match="no val_acc: a temperature is selected on the valid"):
+        Runs.from_table(table_of(rows)).resolve("kd_tau")
 
 
 def test_summary_metrics_are_json_and_carry_the_headline_numbers() -> None:
     m = summary_metrics(table_of(synthetic_rows()), SETTINGS)
     json.dumps(m, allow_nan=False)
     assert m["n_runs"] == len(synthetic_rows())
-    assert m["acc"]["ce"]["0.1"] == round(synthetic_acc("ce", None, None, 0.1, 1), 5)
+    mean = np.mean([synthetic_acc("ce", None, None, 0.1, s) for s in (0, 1, 2)])
+    assert m["acc"]["ce"]["0.1"] == round(mean, 5)
     assert m["relative_gain"]["0.02"] > 0
     # KD at α=1 beats every CE point: censored at max(α)/α = 1
     assert m["multiplier"]["1"] == 1.0 and m["multiplier"]["0.02"] > 1
     assert set(m["multiplier"]) == {"0.02", "0.1", "1", "median", "median_is_lower_bound"}
     assert m["multiplier"]["median_is_lower_bound"] is True  # the censored 1.0 is the smallest
     assert m["advantage_over_control"]["shuffled_dk"]["0.02"] > 0.05
+    assert 0.2 < m["share_of_gain"]["shuffled_dk"]["0.02"] < 0.5
+    assert m["share_of_gain"]["ls_matched"]["1"] == pytest.approx(1, abs=0.3)
 
 
-def test_multiplier_rows_flag_censored_and_clamped() -> None:
+def test_multiplier_rows_flag_censored_and_clamped_with_intervals() -> None:
     rows = synthetic_rows(methods={"ce", "kd"})
     for r in rows:
         if r["method"] == "kd" and r["alpha"] == 0.02:
@@ -365,8 +377,10 @@ def test_multiplier_rows_flag_censored_and_clamped() -> None:
     m = {x["alpha"]: x for x in analyse(table_of(rows), SETTINGS).multipliers}
     assert m[0.02]["clamped"] and not m[0.02]["censored"]
     assert m[0.02]["multiplier"] == pytest.approx(1.0)
-    assert m[1.0]["censored"] and not m[1.0]["clamped"]
-    assert not m[0.1]["censored"] and not m[0.1]["clamped"] and m[0.1]["multiplier"] > 1
+    assert m[1.0]["censored"] and not m[1.0]["clamped"] and m[1.0]["ci_high_censored"]
+    mid = m[0.1]
+    assert not mid["censored"] and not mid["clamped"] and mid["multiplier"] > 1
+    assert mid["ci_low"] <= mid["multiplier"] <= mid["ci_high"] and not mid["ci_high_censored"]
 
 
 def test_summary_metrics_without_the_baseline() -> None:
@@ -377,8 +391,9 @@ def test_summary_metrics_without_the_baseline() -> None:
 def test_analysis_params_defaults_and_bounds() -> None:
     s = AnalysisParams()
     assert (s.baseline, s.reference, s.controls) == ("ce", "kd", [])
-    assert (s.n_boot, s.ci, s.seed) == (2000, 0.95, 0)
-    for bad in ({"ci": 1.0}, {"ci": 0.0}, {"n_boot": 0}, {"n_bootstrap": 10}):
+    assert (s.n_boot, s.ci, s.seed, s.equivalence_margin) == (2000, 0.95, 0, 0.01)
+    bad_settings = ({"ci": 1.0}, {"ci": 0.0}, {"n_boot": 0}, {"equivalence_margin": 0})
+    for bad in (*bad_settings, {"n_bootstrap": 10}):
         with pytest.raises(ValidationError):
             AnalysisParams(**bad)
 
@@ -467,11 +482,14 @@ def test_read_runs_refuses_a_stale_file(tmp_path: Path) -> None:
 
 
 def test_hypothesis_assessment_when_the_shortfall_peaks_at_a_larger_alpha() -> None:
-    rows = synthetic_rows(methods={"kd", "ls_matched", "shuffled_dk"})
+    rows = synthetic_rows(methods={"ce", "kd", "ls_matched", "shuffled_dk"})
     for r in rows:
         if r["method"] in ("ls_matched", "shuffled_dk") and r["alpha"] == 0.1:
-            r["test_acc"] -= 0.2
-    h = hypothesis_assessment(analyse(table_of(rows), SETTINGS).verdicts)
+            r["test_acc"] -= 0.08
+    h = analyse(table_of(rows), SETTINGS).hypotheses
     dk = h["dark_knowledge"]
-    assert dk["supported_at"] == [0.1] and dk["verdict"] == "partly supported"
-    assert dk["largest_shortfall_alpha"] == 0.1 and not dk["largest_at_smallest_alpha"]
+    assert dk["supported_at"] == [0.02, 0.1] and dk["verdict"] == "partly supported"
+    assert dk["largest_missing_alpha"] == 0.1 and not dk["largest_at_smallest_alpha"]
+    assert (
+        h["confidence"]["refuted_at"] == [0.1] and h["confidence"]["verdict"] == "partly supported"
+    )

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from kdsweep.analysis import analyse, hypothesis_assessment
+from kdsweep.analysis import analyse
 from kdsweep.cache.summary import CacheSummary
 from kdsweep.config import AnalysisParams
 from kdsweep.errors import KdsweepError
@@ -81,6 +81,7 @@ def test_full_report(tmp_path: Path) -> None:
         "score_vs_alpha.png",
         "relative_gain.png",
         "multiplier.png",
+        "control_shares.png",
         "temperature_sweep.png",
         "cache_ablation.png",
     }
@@ -88,33 +89,49 @@ def test_full_report(tmp_path: Path) -> None:
         "## Results: test accuracy",
         "## Relative gain of kd over ce",
         "## Data-efficiency multiplier",
-        "### Hypothesis: label smoothing",
-        "### Hypothesis: dark knowledge",
+        "## What kd's gain is made of",
+        "### 1. Universal smoothing (the label-smoothing hypothesis)",
+        "### 2. Instance-specific confidence",
+        "### 3. Class relationships (dark knowledge)",
         "### Other controls",
         "## Fidelity and calibration",
         "## Logit caches",
     ):
         assert heading in md
+    # the methods are stated: t-intervals, TOST with its margin, seeds, bootstrap
+    assert "95% Student t-intervals over seeds (scipy.stats)" in md
+    assert "equivalent within ±0.01 accuracy by two one-sided t-tests (TOST, level 0.05)" in md
+    assert "3 students per variant and α" in md and "(400 resamples, seed 0)" in md
     # results row: ce at α=0.1 over 3 seeds
-    assert re.search(r"^\| ce \| 0\.\d+ ± [\d.e-]+ \(3\) \| 0\.7\d* ± [\d.e-]+ \(3\) \|", md, re.M)
+    assert re.search(
+        r"^\| ce \| 0\.\d+ ± [\d.e-]+ \(3\) \| 0\.[67]\d* ± [\d.e-]+ \(3\) \|", md, re.M
+    )
     assert "| kd_tau(τ=16) |" in md
     # KD beats every CE point at α=1: censored there (and the smallest multiplier, 1, so the
     # median is a lower bound too), not at α=0.02
     assert re.search(r"^\| 1 \|.*\| censored \(lower bound\) \|$", md, re.M)
-    assert re.search(r"^\| 0\.02 \|.*\|  \|$", md, re.M)
+    assert re.search(r"^\| 0\.02 \|.*\| \[[\d.]+, [\d.]+\] \|  \|$", md, re.M)
     assert re.search(
-        r"^\| \*\*median\*\* \|.*\| \*\*≥ [\d.]+\*\* \| censored \(lower bound\) \|$", md, re.M
+        r"^\| \*\*median\*\* \|.*\| \*\*≥ [\d.]+\*\* \|  \| censored \(lower bound\) \|$", md, re.M
     )
-    assert re.search(r"^\| 1 \| [\d.]+ \| ≥ 1 \| ≥ 1 \|", md, re.M)
-    # verdict sentences follow the numbers
-    assert "At α=0.02, **shuffled_dk falls short of kd**" in md
-    assert "At α=1, **shuffled_dk matches kd**" in md
-    assert "At α=0.02, **ls_matched matches kd**" in md
-    assert "**top1_teacher falls short of kd**" in md  # an "other" control, not an LS one
-    h = hypothesis_assessment(analyse(table_of(rows), SETTINGS).verdicts)
-    assert f"**Verdict: {h['label_smoothing']['verdict']}**" in md
-    assert f"**Verdict: {h['dark_knowledge']['verdict']}**" in md
-    assert "largest at α=0.02" in md and "the smallest α tested" in md
+    assert re.search(r"^\| 1 \| [\d.]+ \| ≥ 1 \| ≥ 1 \| \[1, ≥ 1\] \|", md, re.M)
+    # the argument: premise, evidence and conclusion follow the numbers
+    assert "**Premise.** kd's gain over ce is significant at α ∈ {0.02, 0.1, 1}." in md
+    assert re.search(
+        r"At α=0\.02, \*\*shuffled_dk\*\* recovers \d+% \[\d+%, \d+%\] of kd's gain and falls short of kd",
+        md,
+    )
+    assert re.search(
+        r"At α=1, \*\*shuffled_dk\*\* recovers \d+% \[\d+%, \d+%\] of kd's gain and matches kd", md
+    )
+    assert "At α=0.02, **ls_matched** recovers" in md
+    h = analyse(table_of(rows), SETTINGS).hypotheses
+    for name in ("label_smoothing", "confidence", "dark_knowledge"):
+        assert f"*Conclusion*: the hypothesis is **{h[name]['verdict']}**" in md
+    assert "the hypothesis is **refuted** — refuted at every α tested" in md  # ls
+    assert "the hypothesis is **supported** — supported at every α tested" in md  # ls_matched
+    assert "most of kd's gain is missing at α=0.02" in md and "the smallest α tested, as" in md
+    assert re.search(r"^\| top1_teacher \| 0\.02 \|.*\| falls short \|$", md, re.M)  # other
     # one row per store, every field of its summary
     assert "| full | full | — | float16 | main | 1,234,567 | 20 | 1.5x | 0.97 | 50,000 |" in md
     assert "| top2 | topk | 2 | float16 | main | 1,234,567 | 4 | 1.5x | — | 50,000 |" in md
@@ -150,7 +167,8 @@ def test_report_for_language_models_uses_perplexity(tmp_path: Path) -> None:
     _figures(md, out)
     assert "## Results: test perplexity (lower is better)" in md
     assert "(base − ref)/base" in md
-    assert "At α=0.02, **shuffled_dk falls short of kd**" in md
+    assert re.search(r"At α=0\.02, \*\*shuffled_dk\*\* recovers .* and falls short of kd", md)
+    assert "equivalent within ±0.01 perplexity" in md
     gain_csv = (out / "plots" / "gain.csv").read_text().splitlines()
     gains = [float(g["gain"]) for g in csv.DictReader(gain_csv)]
     assert gains[0] > 0  # KD's lower perplexity is a positive gain
@@ -160,10 +178,25 @@ def test_report_names_the_tuned_reference_and_single_seed_verdicts(tmp_path: Pat
     rows = synthetic_rows(methods={"ce", "kd_tau", "ls_matched"}, seeds=(0,))
     settings = AnalysisParams(**SETTINGS.model_dump() | {"reference": "kd_tau"})
     md, _ = _report(tmp_path, rows, settings=settings)
-    assert "`kd_tau` sweeps τ: the reference is its variant with the best mean" in md
+    assert "`kd_tau` sweeps τ: the reference is its variant with the best mean **validation**" in md
     assert "## Relative gain of kd_tau(τ=16) over ce" in md
-    assert "**ls_matched cannot be compared (fewer than 2 students) with kd_tau(τ=16)**" in md
-    assert "**Verdict: not supported**" in md  # undetermined supports neither explanation
+    # one seed: no interval, so no significant gain, so nothing for the controls to explain
+    assert "| 0.02 | " in md and "| [—, —] | no |" in md
+    assert "Not tested" in md and "### 1." not in md
+    assert re.search(
+        r"^\| ls_matched \(vs kd_tau\(τ=16\)\) \|.*\| undetermined \(n<2\) \|$", md, re.M
+    )
+
+
+def test_report_says_when_a_control_is_too_noisy_to_read(tmp_path: Path) -> None:
+    rows = synthetic_rows(methods={"ce", "kd", "shuffled_dk"})
+    for r in rows:
+        if r["method"] == "shuffled_dk":
+            r["test_acc"] += 0.06 * (r["subset_seed"] - 1) + 0.085 * (r["alpha"] < 0.5)
+    md, _ = _report(tmp_path, rows)
+    assert "**shuffled_dk** recovers" in md
+    assert "cannot be told apart from (nor shown equivalent to) kd" in md
+    assert "the hypothesis is **inconclusive** — not decided by these seeds" in md
 
 
 def test_report_shows_the_summaries_of_the_listed_stores_only(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ state and no GUI backend, so a stage can draw them anywhere; the PNGs render thr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,15 +23,18 @@ ABLATION_KINDS = ("topk", "sampled")
 
 
 def draw_figures(an: Analysis, caches: Sequence[CacheSummary], fig_dir: Path) -> dict[str, Path]:
-    """The PNGs under `fig_dir` that the runs support, by name: "score" always; "gain" and
-    "multiplier" with a baseline and a reference; "tau" with a temperature sweep; "cache" with
-    a cache-kind ablation (plus bytes per row when the cache summaries are given)."""
+    """The PNGs under `fig_dir` that the runs support, by name: "score" always (small multiples);
+    "gain" and "multiplier" with a baseline and a reference; "shares" where a control's share
+    of the reference's gain is defined; "tau" with a temperature sweep; "cache" with a
+    cache-kind ablation (plus bytes per row when the cache summaries are given)."""
     fig_dir.mkdir(parents=True, exist_ok=True)
     figures = {"score": _plot_scores(an, fig_dir / "score_vs_alpha.png")}
     if an.gains:
         figures["gain"] = _plot_gain(an, fig_dir / "relative_gain.png")
     if an.multipliers:
         figures["multiplier"] = _plot_multiplier(an, fig_dir / "multiplier.png")
+    if any(v["share"] is not None for v in an.verdicts):
+        figures["shares"] = _plot_shares(an, fig_dir / "control_shares.png")
     if _temperature_families(an.summary):
         figures["tau"] = _plot_temperature(an, fig_dir / "temperature_sweep.png")
     if any(r["cache_kind"] in ABLATION_KINDS for r in an.summary):
@@ -75,25 +79,82 @@ def _log_alpha_axis(ax: Axes) -> None:
     ax.grid(True, which="both", alpha=0.3)
 
 
+PANELS = ("main methods", "controls", "cache ablations", "temperature")
+
+
+def score_panels(an: Analysis) -> dict[str, list[str]]:
+    """The variants of each small multiple, in variant order; panels with nothing of their own
+    are left out. Controls: the methods of analysis.controls; cache ablations: top-k / sampled
+    students; temperature: the other variants of methods that sweep τ; main: the rest. The
+    baseline and the reference appear in every panel, for scale."""
+    summary = {r["variant"]: r for r in an.summary}
+    swept = {r["method"] for r in an.summary if r["variant"] != r["method"]}
+
+    def panel(v: str) -> str:
+        r = summary[v]
+        if r["method"] in an.settings.controls:
+            return "controls"
+        if r["cache_kind"] in ABLATION_KINDS:
+            return "cache ablations"
+        return "temperature" if r["method"] in swept else "main methods"
+
+    anchors = [v for v in (an.baseline, an.reference) if v is not None]
+    out: dict[str, list[str]] = {}
+    for v in variant_order(an):
+        if v not in anchors:
+            out.setdefault(panel(v), []).append(v)
+    return {p: anchors + out[p] for p in PANELS if p in out} or {"main methods": anchors}
+
+
 def _plot_scores(an: Analysis, path: Path) -> Path:
-    fig = Figure(figsize=(8, 5))
-    ax = fig.subplots()
+    """Score vs α with its interval: one small multiple per group of variants (score_panels),
+    sharing both axes, so no panel carries more than a handful of lines."""
+    panels = score_panels(an)
+    cols = min(2, len(panels))
+    rows_ = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(6 * cols, 4 * rows_))
+    axes = fig.subplots(rows_, cols, squeeze=False, sharex=True, sharey=True).ravel()
     colors = matplotlib.colormaps["tab10"].colors
-    for i, v in enumerate(variant_order(an)):
-        rows = [r for r in an.summary if r["variant"] == v]
-        a = [r["alpha"] for r in rows]
-        main = v in (an.baseline, an.reference)
-        c, marker = colors[i % len(colors)], "osD^v"[i // len(colors) % 5]
-        ax.plot(
-            a, [r["mean"] for r in rows], f"{marker}-", color=c, lw=2.5 if main else 1.2, label=v
-        )
-        ax.fill_between(
-            a, [r["ci_low"] for r in rows], [r["ci_high"] for r in rows], color=c, alpha=0.15
-        )
+    anchors = {an.baseline: "grey", an.reference: "k"}
+    for ax, (name, variants) in zip(axes, panels.items(), strict=False):
+        for i, v in enumerate(variants):
+            rows = [r for r in an.summary if r["variant"] == v]
+            a = [r["alpha"] for r in rows]
+            c = anchors.get(v) or colors[i % len(colors)]
+            lw = 2.2 if v in anchors else 1.4
+            ax.plot(a, [r["mean"] for r in rows], "o-", color=c, lw=lw, ms=4, label=v)
+            lo, hi = [r["ci_low"] for r in rows], [r["ci_high"] for r in rows]
+            ax.fill_between(a, lo, hi, color=c, alpha=0.15)
+        _log_alpha_axis(ax)
+        ax.set_title(name)
+        ax.set_ylabel(score_label(an))
+        ax.legend(fontsize=7)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(f"{score_label(an)} vs α ({an.settings.ci:.0%} t-intervals over seeds)")
+    return _save(fig, path)
+
+
+def _plot_shares(an: Analysis, path: Path) -> Path:
+    """Each hypothesis control's share of the reference's gain, (control − base)/(ref − base),
+    with its Fieller interval, at the α where that gain is significant: 1 recovers all of it."""
+    rows = [v for v in an.verdicts if v["share"] is not None]
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    controls = list(dict.fromkeys(v["control"] for v in rows))
+    for i, c in enumerate(controls):
+        pts = sorted((v for v in rows if v["control"] == c), key=lambda v: v["alpha"])
+        x = [v["alpha"] * 1.04**i for v in pts]  # side by side, not on top of each other
+        y = np.array([v["share"] for v in pts])
+        err = np.abs(np.array([[v["share_low"] for v in pts], [v["share_high"] for v in pts]]) - y)
+        ax.errorbar(x, y, yerr=err, fmt="o-", color=f"C{i}", capsize=3, label=c)
+    ax.axhline(1, color="k", lw=0.8, ls="--", label=f"all of {an.reference}'s gain")
+    ax.axhline(0, color="grey", lw=0.8, ls=":", label=f"no better than {an.baseline}")
     _log_alpha_axis(ax)
-    ax.set_ylabel(score_label(an))
-    ax.set_title(f"{score_label(an)} vs α ({an.settings.ci:.0%} bootstrap CI over seeds)")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_ylabel(f"share of {an.reference}'s gain over {an.baseline}")
+    ax.set_title(f"what the controls recover ({an.settings.ci:.0%} Fieller intervals)")
+    ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -117,6 +178,9 @@ def _plot_multiplier(an: Analysis, path: Path) -> Path:
     ax = fig.subplots()
     m = an.multipliers
     ax.plot([x["alpha"] for x in m], [x["multiplier"] for x in m], "-", color="C0", alpha=0.6)
+    finite = [x for x in m if math.isfinite(x["ci_low"])]
+    lo, hi = [x["ci_low"] for x in finite], [x["ci_high"] for x in finite]
+    ax.vlines([x["alpha"] for x in finite], lo, hi, color="C0", alpha=0.5, label="bootstrap CI")
     styles = {
         "measured": ("o", "C0", lambda x: not x["censored"] and not x["clamped"]),
         "censored (lower bound)": ("^", "C3", lambda x: x["censored"]),

@@ -8,20 +8,22 @@ data, found through the installed package (Jinja2's PackageLoader), not through 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from kdsweep.analysis import FIDELITY, Analysis, hypothesis_assessment
+from kdsweep.analysis import FIDELITY, Analysis
 from kdsweep.cache.summary import CacheSummary
 from kdsweep.report.common import Row, cells, score_label, variant_order
 from kdsweep.stats import median_multiplier
 
 
-def _number(x: float | None) -> str:
-    """4 significant digits; a dash where there is no value."""
-    return "—" if x is None else f"{x:.4g}"
+def _number(x: float | None, spec: str = ".4g") -> str:
+    """format(x, spec) (4 significant digits by default); a dash where there is no value (None,
+    or NaN: no interval from a single seed)."""
+    return "—" if x is None or not math.isfinite(x) else format(x, spec)
 
 
 def _alpha_set(alphas: Sequence[float]) -> str:
@@ -72,7 +74,10 @@ def _context(
             if m
             else None
         ),
-        "hypotheses": hypothesis_assessment(an.verdicts),
+        "hypotheses": an.hypotheses,
+        "control_rows": [v for v in an.verdicts if v["hypothesis"] is None],
+        "seeds_per_cell": sorted({r["n"] for r in an.summary}),
+        "significant_alphas": [g["alpha"] for g in an.gains if g["significant"]],
         "fidelity_columns": [c for c in FIDELITY if any(r[c] is not None for r in an.summary)],
         "fidelity_rows": sorted(an.summary, key=lambda r: (rank[r["variant"]], r["alpha"])),
     }
