@@ -197,8 +197,7 @@ def _mean_or_none(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
 
 def _summarize(runs: Runs, ci: float) -> list[dict[str, Any]]:
     """One row per (variant, α): n, mean, std and t-interval of the primary score (accuracy for
-    vision, perplexity for lm), the mean validation score, and mean agreement, test KL, ECE and
-    negative-KL fraction."""
+    vision, perplexity for lm), and mean agreement, test KL, ECE and negative-KL fraction."""
     out = []
     for v in runs.variants():
         for alpha, rows in runs.by_alpha(v).items():
@@ -216,7 +215,6 @@ def _summarize(runs: Runs, ci: float) -> list[dict[str, Any]]:
                     "std": float(s.std(ddof=1)) if len(s) > 1 else 0.0,
                     "ci_low": lo,
                     "ci_high": hi,
-                    "val_mean": _mean_or_none(rows, "val"),
                     **{k: _mean_or_none(rows, k) for k in FIDELITY},
                 }
             )
