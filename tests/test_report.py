@@ -101,7 +101,10 @@ def test_full_report(tmp_path: Path) -> None:
     # the methods are stated: t-intervals, TOST with its margin, seeds, bootstrap
     assert "95% Student t-intervals over seeds (scipy.stats)" in md
     assert "equivalent within ±0.01 accuracy by two one-sided t-tests (TOST, level 0.05)" in md
-    assert "3 (subset, train) seed pair(s); students per variant and α: 3" in md and "(400 resamples, seed 0)" in md
+    assert (
+        "3 (subset, train) seed pair(s); students per variant and α: 3" in md
+        and "(400 resamples, seed 0)" in md
+    )
     # results row: ce at α=0.1 over 3 seeds
     assert re.search(
         r"^\| ce \| 0\.\d+ ± [\d.e-]+ \(3\) \| 0\.[67]\d* ± [\d.e-]+ \(3\) \|", md, re.M
