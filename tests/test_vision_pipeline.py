@@ -46,7 +46,7 @@ def run_students(p: Params, root: Path) -> list[dict]:
 
 
 @pytest.mark.usefixtures("no_md5")
-def test_cifar100_params_file_runs_on_generated_cifar_data_with_views(tmp_path):
+def test_cifar100_params_file_runs_on_generated_cifar_data_with_views(tmp_path, monkeypatch):
     write_cifar100(tmp_path / "raw", n_train=120, n_test=20)
     raw = shrink(yaml.safe_load((REPO / "params/cifar100.yaml").read_text()))
     raw["data"].update(root=str(tmp_path / "raw"), n_train=120, n_test=20)
@@ -85,11 +85,28 @@ def test_cifar100_params_file_runs_on_generated_cifar_data_with_views(tmp_path):
             and torch.equal(t.tensors["logits"][i], train["logits"][i, v])
             for v in range(views)
         ), i
+    seen = []  # the teacher rows of every student's batches
+    init = ViewBatches.__init__
+
+    def spy(self, x, y, t, seed):
+        seen.append(t)
+        init(self, x, y, t, seed)
+
+    monkeypatch.setattr(ViewBatches, "__init__", spy)
     out = run_students(p, tmp_path)
+    # students of labels replay the same cached views as KD's (the reference store's `aug`)
+    of_labels = [t for t in seen if t.kind is None]
+    assert len(of_labels) == len([r for r in out if r["cache_name"] is None]) == 1
+    assert set(of_labels[0].tensors) == {"aug"}
+    rows = of_labels[0].tensors["aug"]
+    assert rows.shape[1:] == (views, 3) and all((train["aug"] == r).all((1, 2)).any() for r in rows)
     assert len(out) == expected_rows(p) and {r["dataset"] for r in out} == {"cifar100"}
     assert all(0 <= r["agreement"] <= 1 for r in out)
     kd = [r for r in out if r["cache_name"] == "full"]
     assert kd and all(r["train_path"] == "sequential" for r in kd)  # views: one at a time
+    summary = json.loads((data / "summaries/full.json").read_text())
+    assert summary["views"] == views and summary["diagnostic_rows"] == n
+    assert 0 <= summary["teacher_view_acc"] <= 1 and summary["soft_targets"]
 
 
 def test_digits_pipeline_end_to_end(tmp_path):

@@ -2,7 +2,9 @@
 from a seed and stored as parameters, so that a view can be replayed exactly.
 
 A cache of V views stores `aug[N, V, 3]` beside the teacher's outputs; a student replays
-`apply_aug(x, aug[:, v])`, exactly the view the teacher labelled.
+`apply_aug(x, aug[:, v])`, exactly the view the teacher labelled. The teacher trains on fresh
+views of the same family (`teacher.augment`), so its outputs on the cached views are as good as
+on clean images.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ def apply_aug(x: torch.Tensor, aug: torch.Tensor, pad: int = 4) -> torch.Tensor:
     return padded.gather(2, rows).gather(3, cols[:, None, None, :].expand(n, c, h, w))
 
 
-def draw_aug(n: int, views: int, seed: int, pad: int = 4) -> torch.Tensor:
+def draw_aug(n: int, views: int, seed: int | torch.Generator, pad: int = 4) -> torch.Tensor:
     """aug[n, v] = (dy, dx, flip), int64 on the CPU, from a generator seeded by `seed` alone, so a
-    cache can store (or redraw) the parameters without the images."""
-    g = torch.Generator().manual_seed(seed)
+    cache can store (or redraw) the parameters without the images. Given a generator instead,
+    draws continue its stream (the teacher's fresh views, one per step)."""
+    g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
     crop = torch.randint(0, 2 * pad + 1, (n, views, 2), generator=g)
     flip = torch.randint(0, 2, (n, views, 1), generator=g)
     return torch.cat([crop, flip], dim=2)

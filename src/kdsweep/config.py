@@ -148,6 +148,7 @@ class TeacherParams(Strict):
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
     device: str = "auto"
+    augment: bool = False  # images: train on random crop/flip views, the family cache.views holds
 
 
 class Codec(Strict):

@@ -1,5 +1,10 @@
 """The teacher stage: train the teacher once on the full training split (α=1) and save it with
-its random-head control. `teacher_model` builds the same network for the cache stage."""
+its random-head control. `teacher_model` builds the same network for the cache stage.
+
+With `teacher.augment` the teacher trains on fresh random crop/flip views (kdsweep.augment), the
+family the cache's views are drawn from: a teacher trained on clean images only can be right on
+its test images yet wrong on many of its own cached views, and KD students learn that.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ from typing import Any
 
 import torch
 
-from kdsweep.config import Params
+from kdsweep.augment import apply_aug, draw_aug
+from kdsweep.config import Params, ParamsError
 from kdsweep.data.prepared import Prepared
 from kdsweep.io import (
     atomic_write_json,
@@ -18,7 +24,7 @@ from kdsweep.io import (
 )
 from kdsweep.models import build_model, reinit_head
 from kdsweep.registry import TEACHERS
-from kdsweep.train import accuracy, fit, num_steps, pick_device, predict
+from kdsweep.train import BatchFn, accuracy, fit, num_steps, pick_device, predict
 
 
 def teacher_model(p: Params, prep: Prepared) -> torch.nn.Module:
@@ -56,6 +62,7 @@ def train_teacher(
         t.weight_decay,
         t.seed + rank,
         desc="teacher",
+        batch=fresh_views(x, t.seed + rank) if t.augment else None,
     )
     model = model.cpu()
     if rank != 0:
@@ -71,6 +78,22 @@ def train_teacher(
         metrics[tid] = {"test_acc": acc, "fingerprint": weights_fingerprint(path)}
     atomic_write_json(Path(out_dir) / "metrics.json", metrics)
     return metrics
+
+
+def fresh_views(x: torch.Tensor, seed: int) -> BatchFn:
+    """Each step's inputs as one fresh random crop/flip view per image (the cache's family);
+    the loss context stays the row ids."""
+    if x.dim() != 4:
+        raise ParamsError(
+            f"teacher.augment: true needs image data (crop and flip views), but the inputs are "
+            f"shaped {tuple(x.shape[1:])}: set teacher.augment: false"
+        )
+    gen = torch.Generator().manual_seed(seed)
+
+    def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return apply_aug(x[idx], draw_aug(len(idx), 1, gen)[:, 0]), idx
+
+    return batch
 
 
 def _rank_device(name: str, rank: int) -> torch.device:

@@ -1,11 +1,16 @@
 """The cache stage: run a trained teacher once over the splits into a store (the only teacher
-forward passes of the pipeline), optionally over augmented views, and summarise the store."""
+forward passes of the pipeline), optionally over augmented views, and summarise the store with
+the teacher-target diagnostics the report shows (kdsweep.report.diagnostics)."""
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from kdsweep.augment import apply_aug, draw_aug
 from kdsweep.cache.format import StoreSpec
@@ -17,6 +22,15 @@ from kdsweep.data.prepared import Prepared
 from kdsweep.distributed import barrier
 from kdsweep.io import load_checkpoint, report_work, weights_fingerprint
 from kdsweep.teacher import teacher_model
+from kdsweep.train import accuracy, predict
+
+# Diagnostics cover the first rows of the training split (class-interleaved by prepare) up to
+# this many teacher outputs per view, so they cost a fraction of the cache on large datasets.
+DIAGNOSTIC_OUTPUTS = 4096
+# Temperatures the soft-target statistics are stored at: quarter octaves from 1/2 to 128. The
+# report interpolates in log τ at the τ its students used, so the cache stage need not depend on
+# the methods (changing a method never re-runs a teacher forward pass).
+TAU_GRID = [2 ** (i / 4) for i in range(-4, 29)]
 
 
 def build_cache(
@@ -70,11 +84,61 @@ def build_cache(
     )
     if rank == 0:
         report_work("cache", time.perf_counter() - t0)
-        write_summary(name, store.teacher, out, checkpoint.parent / "metrics.json", summary)
+        s = prep.splits
+        diagnostics = teacher_diagnostics(
+            model, s.x_train, s.y_train, views.get("train"), p.cache.batch_size
+        )
+        metrics = checkpoint.parent / "metrics.json"
+        write_summary(name, store.teacher, out, metrics, summary, diagnostics)
 
 
-def write_summary(name: str, teacher: str, store: Path, metrics: Path, out: Path) -> None:
-    """The size figures and teacher accuracy the report's cache table shows."""
+@torch.no_grad()
+def teacher_diagnostics(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    aug: torch.Tensor | None,
+    batch_size: int,
+) -> dict[str, Any]:
+    """How good and how soft the teacher's targets are, on the first training rows (up to
+    DIAGNOSTIC_OUTPUTS outputs per view) and, with `aug`, on their cached views.
+
+    Returns the teacher's accuracy on the clean rows and on the views, and at each τ of
+    TAU_GRID the mean target probability p_T^τ(y) and the mean entropy of p_T^τ over log C
+    (1: uniform), both over the rows the students read (the views when there are some).
+    """
+    n = min(len(x), max(1, DIAGNOSTIC_OUTPUTS // y[0].numel()))
+    x, y = x[:n], y[:n]
+    clean = predict(model, x, batch_size)
+    out: dict[str, Any] = {"diagnostic_rows": n, "teacher_train_acc": accuracy(clean, y)}
+    z, labels = clean, y
+    if aug is not None:
+        z = torch.stack(
+            [predict(model, apply_aug(x, aug[:n, v]), batch_size) for v in range(aug.shape[1])], 1
+        )
+        labels = y[:, None].expand(n, aug.shape[1])
+        out["teacher_view_acc"] = accuracy(z, labels)
+    z, labels = z.flatten(0, -2), labels.flatten()
+    log_c = math.log(z.shape[-1])
+    curve = []
+    for tau in TAU_GRID:
+        log_p = torch.log_softmax(z / tau, dim=-1)
+        p_y = float(log_p.gather(1, labels[:, None]).exp().mean())
+        entropy = float(-(log_p.exp() * log_p).sum(-1).mean())
+        curve.append([tau, p_y, entropy / log_c])
+    return out | {"num_classes": z.shape[-1], "soft_targets": curve}
+
+
+def write_summary(
+    name: str,
+    teacher: str,
+    store: Path,
+    metrics: Path,
+    out: Path,
+    diagnostics: dict[str, Any] | None = None,
+) -> None:
+    """The size figures, teacher accuracy and teacher-target `diagnostics` (teacher_diagnostics)
+    the report's cache and diagnostics tables show."""
     info = LogitCache(store).info()
     a = info["attributes"]
     acc = json.loads(metrics.read_text())[teacher]["test_acc"] if metrics.exists() else None
@@ -89,4 +153,6 @@ def write_summary(name: str, teacher: str, store: Path, metrics: Path, out: Path
         compression_ratio=info["compression_ratio"],
         teacher_test_acc=acc,
         num_rows=sum(a["splits"].values()),
+        views=a["views"],
+        **(diagnostics or {}),
     ).write(out)

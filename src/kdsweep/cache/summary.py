@@ -24,6 +24,15 @@ class CacheSummary:
     compression_ratio: float
     teacher_test_acc: float | None
     num_rows: int
+    views: int = 1  # crop/flip views per training row (1: clean inputs only)
+    # teacher-target diagnostics (kdsweep.cache.build.teacher_diagnostics), over the first
+    # `diagnostic_rows` training rows: accuracy on them clean and on their cached views, and
+    # [τ, mean p_T^τ(y), mean entropy / log C] on a grid of τ
+    diagnostic_rows: int = 0
+    teacher_train_acc: float | None = None
+    teacher_view_acc: float | None = None
+    num_classes: int | None = None
+    soft_targets: list[list[float]] = dataclasses.field(default_factory=list)
 
     def write(self, path: Path) -> None:
         atomic_write_json(path, dataclasses.asdict(self))

@@ -17,6 +17,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from kdsweep.analysis import FIDELITY, Analysis
 from kdsweep.cache.summary import CacheSummary
 from kdsweep.report.common import Row, cells, score_label, variant_order
+from kdsweep.report.diagnostics import diagnose
 from kdsweep.stats import median_multiplier
 
 
@@ -61,6 +62,7 @@ def _context(
         "an": an,
         "settings": an.settings,
         "caches": caches,
+        "diagnostics": diagnose(caches, rows),
         "figures": figures,
         "score_label": score_label(an),
         "first_run": rows[0],

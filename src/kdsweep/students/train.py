@@ -314,10 +314,15 @@ def run_student_stage(
         raise ParamsError("a student stage reads a store exactly when it is given one")
     methods = p.methods_reading(store)
     ref_test: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
-    if reference is not None:  # the teacher's test outputs: top-1 always, logits from a full cache
-        t = open_store(p, p.cache.reference, reference, teachers, prep).read("test")
-        ref_test = (CACHE_KINDS.load(t.kind).top1(t), t.tensors.get("logits"))
     train = NO_TARGETS
+    if reference is not None:  # the teacher's test outputs: top-1 always, logits from a full cache
+        ref = open_store(p, p.cache.reference, reference, teachers, prep)
+        t = ref.read("test")
+        ref_test = (CACHE_KINDS.load(t.kind).top1(t), t.tensors.get("logits"))
+        if store is None and methods and ref.attrs["views"] > 1:
+            # students of labels replay the same cached views as those of the teacher (every
+            # store holds the same views), each view with its true label
+            train = TeacherTargets(None, {"aug": ref.read("train").tensors["aug"]})
     if store is not None and methods:
         train = open_store(p, store, logits, teachers, prep).read("train")
     records = train_students(p, prep, methods, train, ref_test)
