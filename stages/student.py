@@ -1,14 +1,15 @@
 """DVC stages `student@<store>` and `labels`: one process trains every student that reads one
-cache store (each method × α × seed × τ), or every student of labels only, from the cache."""
+cache store (each method × α × seed × τ), or every student of labels only, from the cache —
+reusing the rows of its previous output whose content key is unchanged."""
 
 from pathlib import Path
 
 import typer
 
 from kdsweep.config import load_params
-from kdsweep.data.prepared import load_prepared
 from kdsweep.errors import explained_errors
-from kdsweep.students.train import run_student_stage
+from kdsweep.students.stage import run_student_stage
+from kdsweep.students.train import StageInputs
 
 
 def main(
@@ -21,7 +22,7 @@ def main(
 ) -> None:
     with explained_errors():
         p = load_params()
-        run_student_stage(p, load_prepared(prepared), store, teachers, out, logits, reference)
+        run_student_stage(p, StageInputs(prepared, teachers, reference, store, logits), out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from kdsweep.cache.build import build_cache
 from kdsweep.config import Params, parse_params
 from kdsweep.data.prepare import prepare
 from kdsweep.data.prepared import load_prepared
-from kdsweep.students.train import run_student_stage
+from kdsweep.students.stage import run_student_stage
+from kdsweep.students.train import StageInputs
 from kdsweep.teacher import train_teacher
 
 TINY: dict = {
@@ -94,15 +95,14 @@ def build_upstream(p: Params, root: Path) -> None:
 def student_stage(p: Params, root: Path, store: str | None) -> Path:
     """Run the student stage of `store` (None: `labels`) as dvc.yaml does; the runs.json path."""
     data = root / "data"
-    return run_student_stage(
-        p,
-        load_prepared(data / "prepared"),
-        store,
+    inputs = StageInputs(
+        data / "prepared",
         data / "teachers" / "metrics.json",
-        data / "students" / (store or "labels"),
-        data / "logits" / f"{store}.zarr" if store else None,
         data / "logits" / f"{p.cache.reference}.zarr",
+        store,
+        data / "logits" / f"{store}.zarr" if store else None,
     )
+    return run_student_stage(p, inputs, data / "students" / (store or "labels"))
 
 
 @pytest.fixture(scope="session")

@@ -71,6 +71,17 @@ def stages_run(log: str) -> list[str]:
     )
 
 
+def trained_reused(log: str) -> dict[str, tuple[int, int]]:
+    """What each student stage printed: {output dir: (students trained, students reused)}."""
+    found = {}
+    for line in log.splitlines():
+        if "students, reused" in line:
+            out, rest = line.split(": trained ")
+            words = rest.split()
+            found[Path(out).name] = (int(words[0]), int(words[3]))
+    return found
+
+
 def changed_stages(repo: Path) -> list[str]:
     """The stages `dvc status` reports as changed (their own deps, params or outputs)."""
     shown = run(repo, "dvc", "status", "--json")
@@ -242,9 +253,17 @@ def test_changing_one_method_reruns_students_but_no_teacher_or_cache(repo: Path)
 
     try:
         with edited(repo, "params.yaml", change):
-            ran = stages_run(run(repo, "dvc", "repro"))
+            log = run(repo, "dvc", "repro")
+            ran = stages_run(log)
             assert ran == ["aggregate", "labels", "report", "student@full", "student@top3"]
             after = _rows(repo)
+            # ...but each trains only the students whose content key changed: kd's
+            n_kd = sum(k[0] == "kd" for k in before)
+            assert trained_reused(log) == {
+                "full": (n_kd, sum(r["cache_name"] == "full" for r in before.values()) - n_kd),
+                "top3": (0, sum(r["cache_name"] == "top3" for r in before.values())),
+                "labels": (0, sum(r["cache_name"] is None for r in before.values())),
+            }
     finally:  # back to the committed state; outputs DVC does not cache are made anew
         run(repo, "git", "checkout", "HEAD", "--", "dvc.lock")
         run(repo, "dvc", "checkout", "-q")
@@ -259,8 +278,11 @@ def test_changing_one_method_reruns_students_but_no_teacher_or_cache(repo: Path)
 
 
 def test_dvc_exp_run_with_a_param_and_exp_show(repo: Path) -> None:
-    run(repo, "dvc", "exp", "run", "-S", "methods.kd.tau=1")
+    log = run(repo, "dvc", "exp", "run", "-S", "methods.kd.tau=1")
     try:
+        counts = trained_reused(log)
+        assert counts["full"][0] > 0 and counts["full"][1] > 0  # kd trained, ls_matched reused
+        assert counts["labels"][0] == counts["top3"][0] == 0
         shown = run(repo, "dvc", "exp", "show", "--json")
         text = json.dumps(json.loads(shown[shown.index("[") :]))
         assert "metrics.json" in text and '"tau": 1' in text
@@ -288,6 +310,18 @@ def test_teammate_pulls_teachers_and_caches_and_never_runs_them(repo: Path, tmp_
     assert "aggregate" in ran and rows == expected_rows(e2e_params())
 
 
+def test_teammate_who_pulls_the_students_trains_only_what_they_change(repo, tmp_path):
+    run(repo, "dvc", "push", "-q")
+    clone = tmp_path / "clone"
+    run(tmp_path, "git", "clone", "-q", str(repo), str(clone))
+    run(clone, "dvc", "pull", "-q")
+    assert not [s for s in changed_stages(clone) if s.startswith("student@") or s == "labels"]
+    log = run(clone, "dvc", "exp", "run", "-S", "methods.kd.tau=8")
+    counts = trained_reused(log)
+    assert counts["labels"][0] == counts["top3"][0] == 0
+    assert counts["full"][0] == sum(r["method"] == "kd" for r in _rows(repo).values())
+
+
 def test_queued_experiments_run_in_parallel_workers(repo: Path) -> None:
     """`dvc exp run --queue` + `dvc queue start -j 2`: two τ values, two workers, both finish."""
     import time
@@ -303,6 +337,11 @@ def test_queued_experiments_run_in_parallel_workers(repo: Path) -> None:
         time.sleep(3)
     assert "Failed" not in status, status
     assert status.count("Success") >= 2, status
+    names = [line.split()[0] for line in status.splitlines() if "Success" in line]
+    for name in names:  # each ran in its own temp copy, from the baseline's checked-out rows
+        counts = trained_reused(run(repo, "dvc", "queue", "logs", name))
+        assert counts["labels"] == (0, counts["labels"][1]) and counts["labels"][1] > 0
+        assert counts["full"][0] > 0 and counts["full"][1] > 0
     shown = run(repo, "dvc", "exp", "show", "--json")
     text = json.dumps(json.loads(shown[shown.index("[") :]))
     assert '"tau": 3' in text and '"tau": 5' in text

@@ -51,11 +51,12 @@ def test_tiny_language_pipeline_end_to_end(tmp_path):
     assert expected > 0 and len(rows) == expected and {r["task"] for r in rows} == {"lm"}
     assert {r["method"] for r in rows} == {*p.sweep.methods, *p.sweep.ablation_methods}
     assert all(r["test_ppl"] > 1 and 0 <= r["agreement"] <= 1 for r in rows)
-    # α = fraction of training sequences
+    # α = fraction of training sequences, of which some validate
     n_train = len(load_prepared(data / "prepared").splits.y_train)
-    assert {r["n_train"] for r in rows} == {
+    assert {r["n_train"] + r["n_val"] for r in rows} == {
         subset_size(a, n_train) for r in rows for a in p.alphas_of(r["method"])
     }
+    assert all(r["n_val"] > 0 and r["val_ppl"] > 1 for r in rows)
     write_parquet(table, tmp_path / "runs.parquet")
     write_report(
         tmp_path / "runs.parquet",

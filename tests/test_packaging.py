@@ -16,6 +16,7 @@ TOOLS = {
     "dvc": "the command the pipeline runs under",
     "numcodecs": "the codec library behind zarr's Blosc/Zstd codecs named in the store format",
     "scipy": "torchvision's SVHN reader loads its .mat files with scipy.io",
+    "dask-jobqueue": "the README's recipe for starting a Dask cluster on SLURM/PBS (HPC users)",
 }
 
 

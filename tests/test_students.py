@@ -23,10 +23,11 @@ from kdsweep.data.splits import DataError
 from kdsweep.io import CheckpointError
 from kdsweep.models import build_model
 from kdsweep.models.basic import CNN1D
-from kdsweep.registry import CACHE_KINDS, LOSSES
+from kdsweep.registry import LOSSES
 from kdsweep.runs import RUN_SCHEMA, collect_runs
 from kdsweep.students.plan import stack_key, student_jobs
-from kdsweep.students.train import open_store, run_student_stage, student_data, train_students
+from kdsweep.students.stage import run_student_stage
+from kdsweep.students.train import StageInputs, open_store, student_data
 from kdsweep.targets import NO_TARGETS
 from kdsweep.teacher import teacher_model
 from kdsweep.train import NonFiniteLoss, fit
@@ -66,12 +67,6 @@ def _train_targets(p: Params, store: str | None, ws: Path):
         return prep, NO_TARGETS
     path = ws / "data/logits" / f"{store}.zarr"
     return prep, open_store(p, store, path, ws / "data/teachers/metrics.json", prep).read("train")
-
-
-def _ref_test(p: Params, ws: Path, prep) -> tuple:
-    path = ws / "data/logits" / f"{p.cache.reference}.zarr"
-    t = open_store(p, p.cache.reference, path, ws / "data/teachers/metrics.json", prep).read("test")
-    return CACHE_KINDS.load(t.kind).top1(t), t.tensors.get("logits")
 
 
 def test_each_store_stage_trains_its_methods_from_the_cache_without_the_teacher(
@@ -116,7 +111,8 @@ def test_each_store_stage_trains_its_methods_from_the_cache_without_the_teacher(
             if store is not None:
                 assert r["cache_kind"] == p.cache.stores[store].kind
                 assert r["teacher_id"] == p.cache.stores[store].teacher
-            assert r["n_train"] == subset_size(r["alpha"], n)
+            assert r["n_train"] + r["n_val"] == subset_size(r["alpha"], n)
+            assert 0 < r["n_val"] < r["n_train"] and 0.0 <= r["val_acc"] <= 1.0
             assert 0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["agreement"] <= 1.0
             assert r["test_kl"] >= 0 and r["ece"] >= 0 and r["steps"] == p.student.budget.value
             assert (r["neg_kl_frac"] is None) == (loss.distill is None)
@@ -140,26 +136,27 @@ def test_a_store_that_no_swept_method_reads_gives_an_empty_stage(workspace):
 
 def test_stage_arguments_must_agree_with_the_params(workspace, tiny_params):
     p, data = tiny_params, workspace / "data"
-    prep = load_prepared(data / "prepared")
     teachers, ref = data / "teachers/metrics.json", data / "logits/full.zarr"
+    prepared = data / "prepared"
     with pytest.raises(ParamsError, match="not one of cache.stores"):
-        run_student_stage(p, prep, "nope", teachers, data / "out", ref, ref)
+        run_student_stage(p, StageInputs(prepared, teachers, ref, "nope", ref), data / "out")
     with pytest.raises(ParamsError, match="exactly when"):
-        run_student_stage(p, prep, "full", teachers, data / "out", None, ref)
+        run_student_stage(p, StageInputs(prepared, teachers, ref, "full", None), data / "out")
     with pytest.raises(ParamsError, match="exactly when"):
-        run_student_stage(p, prep, None, teachers, data / "out", ref, ref)
+        run_student_stage(p, StageInputs(prepared, teachers, ref, None, ref), data / "out")
 
 
 def test_seeds_are_deterministic_on_cpu(workspace, tiny_params):
-    p = tiny_params
-    prep, train = _train_targets(p, "full", workspace)
-    ref = _ref_test(p, workspace, prep)
-    a = train_students(p, prep, ["kd"], train, ref)
-    b = train_students(p, prep, ["kd"], train, ref)
-    strip = lambda rows: [{k: v for k, v in r.row().items() if k != "train_seconds"} for r in rows]  # noqa: E731
-    assert strip(a) == strip(b)
-    assert len(a) == expected_rows(p, "full")
-    assert len({(r.test_acc, r.ece) for r in a}) > 1  # other seeds, other students
+    """Two from-scratch runs of a stage (nothing to reuse) write the same rows."""
+    p, data = tiny_params, workspace / "data"
+    inputs = StageInputs(
+        data / "prepared", data / "teachers/metrics.json", data / "logits/full.zarr"
+    )
+    runs = [json.loads(run_student_stage(p, inputs, data / d).read_text()) for d in "ab"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rows]  # noqa: E731
+    assert strip(runs[0]) == strip(runs[1])
+    assert len(runs[0]) == expected_rows(p, None)
+    assert len({(r["test_acc"], r["ece"]) for r in runs[0]}) > 1  # other seeds, other students
 
 
 def test_student_refuses_a_cache_from_another_teacher(workspace, tiny_params):
@@ -199,8 +196,9 @@ def test_stacked_stage_matches_the_sequential_one(workspace):
         assert n > 0 and len(rows["on"]) == len(rows["off"]) == n, store
         assert [r["train_path"] for r in rows["on"]] == ["stacked"] * n
         assert [r["train_path"] for r in rows["off"]] == ["sequential"] * n
+        assert not {r["run_id"] for r in rows["on"]} & {r["run_id"] for r in rows["off"]}
         for a, b in zip(rows["on"], rows["off"], strict=True):
-            same = ("method", "alpha", "subset_seed", "tau", "run_id")
+            same = ("method", "alpha", "subset_seed", "tau", "params_hash")
             assert [a[k] for k in same] == [b[k] for k in same]
             assert a["test_acc"] == pytest.approx(b["test_acc"], abs=0.01), a["method"]
             assert a["agreement"] == pytest.approx(b["agreement"], abs=0.01), a["method"]
@@ -217,7 +215,10 @@ def test_students_share_a_stack_when_only_lambda_tau_seed_and_data_differ(worksp
     def keys(p: Params, method: str) -> set:
         store = p.store_or_none(method)
         t = targets[store] if store else NO_TARGETS
-        return {stack_key(job, student_data(job, prep, t)[2]) for job in student_jobs(p, method)}
+        return {
+            stack_key(job, student_data(job, prep, t, p.student.val_fraction)[2])
+            for job in student_jobs(p, method)
+        }
 
     kd = keys(p, "kd")
     assert len(kd) == 1  # both τ and both subset seeds

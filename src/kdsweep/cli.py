@@ -101,22 +101,20 @@ def student(
     """Train, by hand and in one process, every student that reads STORE exactly as its stage
     does, from the pipeline's outputs under DATA."""
     from kdsweep.config import load_params
-    from kdsweep.data.prepared import load_prepared
     from kdsweep.errors import explained_errors
-    from kdsweep.students.train import run_student_stage
+    from kdsweep.students.stage import run_student_stage
+    from kdsweep.students.train import StageInputs
 
     with explained_errors():
         p = load_params(params)
-        logits = None if store == "labels" else data / "logits" / f"{store}.zarr"
-        out = run_student_stage(
-            p,
-            load_prepared(data / "prepared"),
-            None if store == "labels" else store,
+        inputs = StageInputs(
+            data / "prepared",
             data / "teachers" / "metrics.json",
-            out_dir,
-            logits,
             data / "logits" / f"{p.cache.reference}.zarr",
+            None if store == "labels" else store,
+            None if store == "labels" else data / "logits" / f"{store}.zarr",
         )
+        out = run_student_stage(p, inputs, out_dir)
     console.print(f"wrote {out}")
 
 

@@ -203,20 +203,42 @@ class CacheParams(Strict):
 
 
 class Budget(Strict):
+    """`value` steps (mode steps) or epochs of the subset (mode epochs), and never fewer than
+    `min_epochs` passes over the subset: equal steps alone starve the large α."""
+
     mode: Literal["epochs", "steps"] = "steps"
     value: int = Field(1500, gt=0)
+    min_epochs: int = Field(0, ge=0)
+
+
+class DaskParams(Strict):
+    """`student.executor: dask`: an existing scheduler at `address` (e.g. one dask-jobqueue
+    started), or a LocalCluster of `workers` processes (0: one per GPU, else 2)."""
+
+    address: str | None = None
+    workers: int = Field(0, ge=0)
 
 
 class StudentParams(Strict):
     arch: str = "cnn1d"
     width: int = Field(64, gt=0)
     budget: Budget = Budget()
+    val_fraction: float = Field(0.1, gt=0, le=0.5)  # of each subset, for selection (never test)
     batch_size: int = Field(128, gt=0)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     train_seeds: list[int] = [0]
     device: str = "auto"
     stacked: Literal["auto", "on", "off"] = "auto"
+    threads: int = Field(0, ge=0)  # torch CPU threads per training process; 0: its share of cores
+    executor: Literal["local", "dask"] = "local"  # where stacks train (kdsweep.students.executor)
+    dask: DaskParams = DaskParams()
+
+    def recipe(self) -> dict[str, Any]:
+        """The fields that decide what a student learns — not where, with how many threads or
+        beside which others it trains (those are recorded per student where they matter)."""
+        placement = {"device", "stacked", "threads", "executor", "dask", "train_seeds"}
+        return self.model_dump(mode="json", by_alias=True, exclude=placement)
 
 
 Unit = Annotated[float, Field(ge=0, le=1)]

@@ -34,8 +34,8 @@ def _is_module(name: str) -> bool:
     return module_path(name).exists()
 
 
-def _imports(path: Path) -> set[str]:
-    """Project modules `path` imports directly, or loads through a registry."""
+def _imports(path: Path, registry_loads: bool = True) -> set[str]:
+    """Project modules `path` imports directly, or (`registry_loads`) loads through a registry."""
     source = path.read_text()
     found: set[str] = set()
     for node in ast.walk(ast.parse(source)):
@@ -46,7 +46,7 @@ def _imports(path: Path) -> set[str]:
                 continue
             found.add(node.module)
             found |= {f"{node.module}.{a.name}" for a in node.names}
-    for reg in set(re.findall(r"\b([A-Z_]+)\.load\(", source)):
+    for reg in set(re.findall(r"\b([A-Z_]+)\.load\(", source)) if registry_loads else ():
         table = getattr(registry, reg, None)
         if isinstance(table, registry.Registry):
             found |= {e.module for e in table.entries()}
@@ -64,15 +64,16 @@ def _templates(path: Path) -> set[Path]:
     return {p for p in (path.parent / "templates").rglob("*") if p.is_file()}
 
 
-def closure(script: Path) -> set[Path]:
+def closure(script: Path, registry_loads: bool = True) -> set[Path]:
     """The project files `script` runs or reads as code (itself included), relative to the
-    repository."""
+    repository. Without `registry_loads`, only what it imports: the caller adds the impl modules
+    of the registry entries one run actually uses (a student's own code version)."""
     seen: set[Path] = {Path(script).resolve()}
     todo = [Path(script).resolve()]
     while todo:
         path = todo.pop()
         seen |= _templates(path)
-        for m in _imports(path):
+        for m in _imports(path, registry_loads):
             p = module_path(m)
             if p not in seen:
                 seen.add(p)

@@ -150,23 +150,29 @@ def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
     model.load_state_dict(state)
 
 
+def tensors_fingerprint(tensors: dict[str, Any]) -> str:
+    """sha256 over named tensors (names, dtypes, shapes, bytes), independent of dict order."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def weights_fingerprint(path: Path) -> str:
-    """sha256 over the tensors (names, dtypes, shapes, bytes) of a safetensors checkpoint.
+    """sha256 over the tensors of a safetensors checkpoint (`tensors_fingerprint`).
 
     Not over the file: safetensors writes its metadata in no fixed order, so identical weights can
     give different file bytes.
     """
-    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    h = hashlib.sha256()
     try:
         state = load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path} is not a valid safetensors checkpoint ({err})") from None
-    for name in sorted(state):
-        t = state[name].contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return tensors_fingerprint(state)

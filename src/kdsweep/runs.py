@@ -61,6 +61,7 @@ class RunRecord:
     train_path: str
     params_hash: str
     git_rev: str
+    student_key: str  # content key: a stage reuses a row whose key it already has
 
     def row(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

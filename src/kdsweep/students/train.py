@@ -1,32 +1,35 @@
-"""Training a student stage: every student of the methods that read one cache store (or none),
-from the cached teacher targets only — the teacher network is never built here.
+"""Training the students of a stage: every student of the methods that read one cache store
+(or none), from the cached teacher targets only — the teacher network is never built here.
 
-Students that share a `plan.stack_key` train either together (stacked under vmap, in
-memory-sized groups) or one after another, whichever `plan.choose_path` says is faster for this
-student and device; `student.stacked: on|off` forces either.
+Students that share a `plan.stack_key` form a `Stack`, trained either together (stacked under
+vmap, in memory-sized groups) or one after another, whichever `plan.choose_path` says is faster
+for this student and device (`student.stacked: on|off` forces either). `train_stack` is the unit
+an executor runs (kdsweep.students.executor); kdsweep.students.stage runs a whole stage.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
-import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from kdsweep.cache.format import CacheError
 from kdsweep.cache.reader import LogitCache
-from kdsweep.config import Params, ParamsError, params_hash
-from kdsweep.data.prepared import Prepared
-from kdsweep.io import atomic_write_json, report_work
+from kdsweep.config import Params, ParamsError, StudentParams, params_hash
+from kdsweep.data.prepared import Prepared, load_prepared
+from kdsweep.io import report_work, tensors_fingerprint
 from kdsweep.losses import student_loss
 from kdsweep.metrics import evaluate
 from kdsweep.models import build_model
 from kdsweep.registry import ARCHS, CACHE_KINDS, LOSSES
 from kdsweep.runs import RunRecord
 from kdsweep.students.plan import StudentJob, choose_path, memory_groups, stack_key, student_jobs
+from kdsweep.students.reuse import student_key
 from kdsweep.students.stack import fit_stacked, stack_subsets, stacked_student_loss
 from kdsweep.targets import NO_TARGETS, TeacherTargets, ViewBatches
 from kdsweep.train import fit, num_steps, pick_device, predict
@@ -65,11 +68,12 @@ def open_store(p: Params, name: str, path: Path, teachers: Path, prep: Prepared)
 
 
 def student_data(
-    job: StudentJob, prep: Prepared, targets: TeacherTargets
+    job: StudentJob, prep: Prepared, targets: TeacherTargets, val_fraction: float
 ) -> tuple[torch.Tensor, torch.Tensor, TeacherTargets]:
-    """The student's inputs, labels and teacher rows: a control transforms the teacher rows here,
-    a teacher-label student takes their argmax as its labels."""
-    idx = prep.subset(job.alpha, job.subset_seed)
+    """The student's training inputs, labels and teacher rows (its subset less the validation
+    rows): a control transforms the teacher rows here, a teacher-label student takes their
+    argmax as its labels."""
+    idx, _ = prep.split(job.alpha, job.subset_seed, val_fraction)
     s = prep.splits
     x, y, t = s.x_train[idx], s.y_train[idx], targets.rows(idx)
     loss = LOSSES[job.m.loss]
@@ -100,47 +104,165 @@ def student_data(
     return x, y, t
 
 
-def train_students(
-    p: Params,
-    prep: Prepared,
-    methods: list[str],
-    train_targets: TeacherTargets,
-    ref_test: tuple[torch.Tensor | None, torch.Tensor | None],
-) -> list[RunRecord]:
-    """Train every student of `methods` (each: its α × subset seeds × train seeds × τ) on
-    `train_targets` (the rows of the store they read, or NO_TARGETS), one RunRecord each."""
+@dataclass(frozen=True)
+class StageInputs:
+    """What a student stage reads, as the paths dvc.yaml names: a Dask worker opens them itself
+    (shared storage) instead of receiving the data from the client."""
+
+    prepared: Path
+    teachers: Path  # the teacher stage's metrics.json: weight fingerprints
+    reference: Path  # the cache.reference store: test agreement and KL
+    store: str | None = None  # the store the students read; None: students of labels only
+    logits: Path | None = None  # that store's Zarr path
+
+
+@dataclass
+class StageData:
+    """A stage's inputs in memory, loaded once per process: the prepared data, the train rows of
+    its store (or, with augmented views, the views for students of labels), the reference
+    store's test outputs (top-1, logits from a full cache), and the fingerprints of all three."""
+
+    prep: Prepared
+    train: TeacherTargets
+    ref_test: tuple[torch.Tensor, torch.Tensor | None]
+    fingerprints: dict[str, str | None]
+
+
+@dataclass(frozen=True)
+class Stack:
+    """The unit of work of a student stage: students (indices into `stage_jobs`) that share a
+    `plan.stack_key` and train on one path, "stacked" or "sequential"."""
+
+    members: tuple[int, ...]
+    path: str
+
+
+_LOADED: dict[tuple[str, StageInputs, str], StageData] = {}
+
+
+def stage_data(p: Params, inputs: StageInputs, run: str) -> StageData:
+    """The stage's inputs, read once per stage run `run` (a token the stage draws): a Dask worker
+    keeps them across that run's stacks, and never serves a later run stale files."""
+    key = (p.model_dump_json(), inputs, run)
+    if key not in _LOADED:
+        _LOADED.clear()  # one stage's data at a time
+        _LOADED[key] = _load(p, inputs)
+    return _LOADED[key]
+
+
+def _load(p: Params, inputs: StageInputs) -> StageData:
+    prep = load_prepared(inputs.prepared)
+    ref = open_store(p, p.cache.reference, inputs.reference, inputs.teachers, prep)
+    t = ref.read("test")
+    ref_test = (CACHE_KINDS.load(t.kind).top1(t), t.tensors.get("logits"))
+    train = NO_TARGETS
+    if inputs.store is None and p.methods_reading(None) and ref.attrs["views"] > 1:
+        # students of labels replay the same cached views as those of the teacher (every
+        # store holds the same views), each view with its true label
+        train = TeacherTargets(None, {"aug": ref.read("train").tensors["aug"]})
+    if inputs.store is not None and p.methods_reading(inputs.store):
+        train = open_store(p, inputs.store, inputs.logits, inputs.teachers, prep).read("train")
+    ref_tensors = {
+        "top1": ref_test[0],
+        **({"logits": ref_test[1]} if ref_test[1] is not None else {}),
+    }
+    fingerprints = {
+        "data": prep.fingerprint,
+        "train": tensors_fingerprint(train.tensors) if train.tensors else None,
+        "reference": tensors_fingerprint(ref_tensors),
+    }
+    return StageData(prep, train, ref_test, fingerprints)
+
+
+def stage_jobs(p: Params, store: str | None) -> list[StudentJob]:
+    """Every student of the stage of `store` (None: labels), in a fixed order."""
+    return [job for method in p.methods_reading(store) for job in student_jobs(p, method)]
+
+
+def train_threads(st: StudentParams) -> int:
+    """CPU threads a student trains with: the thread count changes a CPU run's rounding, so it is
+    fixed before training and part of the student's key. Default: this process's for the local
+    executor, one per Dask worker process (Dask's own default)."""
+    return st.threads or (torch.get_num_threads() if st.executor == "local" else 1)
+
+
+def plan_stacks(p: Params, sd: StageData, jobs: list[StudentJob]) -> list[Stack]:
+    """Group the stage's students into stacks and choose each stack's path on the *whole* stack,
+    so that a student's path (and so its row) does not depend on which others are reused."""
+    device = pick_device(p.student.device)
+    probe = _student_model(p, sd.prep.splits.num_classes, sd.prep.splits.x_train, seed=0)
+    groups: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault(stack_key(job, sd.train), []).append(i)
+    vmappable = ARCHS[p.student.arch].vmappable
+    views = "aug" in sd.train.tensors
+    return [
+        Stack(
+            tuple(members),
+            "sequential"
+            if views
+            else choose_path(device, probe, vmappable, len(members), p.student.stacked),
+        )
+        for members in groups.values()
+    ]
+
+
+def student_keys(
+    p: Params, store: str | None, sd: StageData, jobs: list[StudentJob], stacks: list[Stack]
+) -> list[str]:
+    """Each student's content key (`reuse.student_key`), in `jobs` order."""
+    device = pick_device(p.student.device)
+    path = {i: s.path for s in stacks for i in s.members}
+    keys = []
+    for i, job in enumerate(jobs):
+        rows = torch.cat(sd.prep.split(job.alpha, job.subset_seed, p.student.val_fraction))
+        placement = {
+            "device": device.type,
+            "threads": train_threads(p.student) if device.type == "cpu" else None,
+            "path": path[i],
+        }
+        keys.append(student_key(p, job, store, rows, sd.fingerprints, placement))
+    return keys
+
+
+def train_stack(
+    p: Params, inputs: StageInputs, run: str, stack: Stack, keys: dict[int, str]
+) -> list[dict[str, Any]]:
+    """Train the students of one stack and return their rows (`RunRecord.row`), each carrying
+    its key: what an executor runs, here or on a Dask worker. Nothing is written: a stack whose
+    process dies leaves no partial row."""
+    torch.set_num_threads(train_threads(p.student))
+    sd = stage_data(p, inputs, run)
+    jobs = stage_jobs(p, inputs.store)
+    device = pick_device(p.student.device)
+    num_classes = sd.prep.splits.num_classes
 
     def part(job: StudentJob) -> tuple[torch.Tensor, torch.Tensor, TeacherTargets]:
         # built when its student trains: one stage's many subsets never sit in memory at once
-        return student_data(job, prep, train_targets)
+        return student_data(job, sd.prep, sd.train, p.student.val_fraction)
 
-    jobs = [job for method in methods for job in student_jobs(p, method)]
-    device = pick_device(p.student.device)
-    num_classes = prep.splits.num_classes
-    probe = _student_model(p, num_classes, prep.splits.x_train, seed=0)
-    stacks: dict[tuple, list[int]] = {}
-    for i, job in enumerate(jobs):
-        stacks.setdefault(stack_key(job, train_targets), []).append(i)
-    views = "aug" in train_targets.tensors
-    vmappable = ARCHS[p.student.arch].vmappable
-    trained: dict[int, tuple[Trained, str]] = {}
-    for key, members in stacks.items():
-        path = (
-            "sequential"
-            if views
-            else choose_path(device, probe, vmappable, len(members), p.student.stacked)
-        )
-        if path == "stacked":
-            group = _fit_stack(p, key, [jobs[i] for i in members], part, probe, num_classes, device)
-        else:
-            group = [train_one(p, jobs[i], part(jobs[i]), num_classes, device) for i in members]
-        trained |= {i: (res, path) for i, res in zip(members, group, strict=True)}
-    report_work("train", sum(res[1] for res, _ in trained.values()))
+    members = [jobs[i] for i in stack.members]
+    if stack.path == "stacked":
+        # vmap over a single student rounds differently from vmap over several (whose members
+        # do not depend on each other): a stack of one trains beside a copy of itself
+        padded = members * 2 if len(members) == 1 else members
+        probe = _student_model(p, num_classes, sd.prep.splits.x_train, seed=0)
+        key = stack_key(members[0], sd.train)
+        trained = _fit_stack(p, key, padded, part, probe, num_classes, device)[: len(members)]
+    else:
+        trained = [train_one(p, job, part(job), num_classes, device) for job in members]
+    report_work("train", sum(t[1] for t in trained))
     rev = git_rev()
     return [
-        run_record(p, job, *trained[i][0], trained[i][1], prep, ref_test, rev)
-        for i, job in enumerate(jobs)
+        run_record(p, job, *res, stack.path, sd.prep, sd.ref_test, rev, keys[i]).row()
+        for i, job, res in zip(stack.members, members, trained, strict=True)
     ]
+
+
+def student_steps(st: StudentParams, n: int) -> int:
+    """Optimizer steps of a student with n training rows (the budget of `student.budget`)."""
+    b = st.budget
+    return num_steps(b.mode, b.value, n, st.batch_size, b.min_epochs)
 
 
 def _student_model(p: Params, num_classes: int, x: torch.Tensor, seed: int) -> torch.nn.Module:
@@ -171,7 +293,7 @@ def _fit_stack(
     n_params = sum(q.numel() for q in probe.parameters())
     act = 4 * min(st.batch_size, len(y0)) * x0[0].numel() * 64
     budget = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 4 << 30
-    steps = num_steps(st.budget.mode, st.budget.value, len(y0), st.batch_size)
+    steps = student_steps(st, len(y0))
     sample = x0[:1].clone()  # the model factory needs only the input shape: free the subset
     del x0, y0, t0
     loss_fn = stacked_student_loss(jobs[0].m.loss, kind, epsilon or 0.0, topk_mode or "tail")
@@ -211,7 +333,7 @@ def train_one(
     x, y, t = part[0].to(device), part[1].to(device), part[2].to(device)
     st, m = p.student, job.m
     model = _student_model(p, num_classes, x, job.seed).to(device)
-    steps = num_steps(st.budget.mode, st.budget.value, len(y), st.batch_size)
+    steps = student_steps(st, len(y))
     neg = torch.zeros((), device=device)
     terms = 0
 
@@ -246,19 +368,23 @@ def run_record(
     neg_frac: float,
     path: str,
     prep: Prepared,
-    ref_test: tuple[torch.Tensor | None, torch.Tensor | None],
+    ref_test: tuple[torch.Tensor, torch.Tensor | None],
     rev: str,
+    key: str,
 ) -> RunRecord:
     """Evaluate a trained student on the test split and describe it as one RunRecord."""
     st, m = p.student, job.m
     loss = LOSSES[m.loss]
-    metrics = evaluate(predict(model, prep.splits.x_test), prep.splits.y_test, *ref_test)
-    n_train = len(prep.subset(job.alpha, job.subset_seed))
-    steps = num_steps(st.budget.mode, st.budget.value, n_train, st.batch_size)
+    s = prep.splits
+    metrics = evaluate(predict(model, s.x_test), s.y_test, *ref_test)
+    train_idx, val_idx = prep.split(job.alpha, job.subset_seed, st.val_fraction)
+    val = evaluate(predict(model, s.x_train[val_idx]), s.y_train[val_idx])
+    n_train = len(train_idx)
+    steps = student_steps(st, n_train)
     name = p.store_or_none(job.method)
     store = p.cache.stores[name] if name else None
     return RunRecord(
-        run_id=uuid.uuid5(uuid.NAMESPACE_URL, f"{job}").hex[:12],
+        run_id=key[:12],
         dataset=p.data.name,
         task=p.data.task,
         teacher_id=store.teacher if store else None,
@@ -280,6 +406,9 @@ def run_record(
         budget_mode=st.budget.mode,
         epochs=steps * min(st.batch_size, n_train) / n_train,
         steps=steps,
+        n_val=len(val_idx),
+        val_acc=val["test_acc"],
+        val_ppl=val["test_ppl"] if p.data.task == "lm" else None,
         test_acc=metrics["test_acc"],
         test_error=metrics["test_error"],
         test_ppl=metrics["test_ppl"] if p.data.task == "lm" else None,
@@ -289,43 +418,13 @@ def run_record(
         neg_kl_frac=neg_frac if loss.distill else None,
         train_seconds=seconds,
         train_path=path,
-        params_hash=params_hash(p.data, p.student, m, *([store] if store else [])),
+        # this student's own τ: the method's other τ values are other students
+        params_hash=params_hash(
+            p.data,
+            st.recipe(),
+            m.model_copy(update={"tau": job.tau}),
+            *([store] if store else []),
+        ),
         git_rev=rev,
+        student_key=key,
     )
-
-
-def run_student_stage(
-    p: Params,
-    prep: Prepared,
-    store: str | None,
-    teachers: Path,
-    out_dir: Path,
-    logits: Path | None = None,
-    reference: Path | None = None,
-) -> Path:
-    """Train every student that reads `store` (None: students of labels only) from the store at
-    `logits`; measure agreement and KL against the `reference` store's test split; write
-    `out_dir/runs.json` atomically."""
-    if store is not None and store not in p.cache.stores:
-        raise ParamsError(
-            f"store {store!r} is not one of cache.stores ({', '.join(p.cache.stores)})"
-        )
-    if (store is None) != (logits is None):
-        raise ParamsError("a student stage reads a store exactly when it is given one")
-    methods = p.methods_reading(store)
-    ref_test: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
-    train = NO_TARGETS
-    if reference is not None:  # the teacher's test outputs: top-1 always, logits from a full cache
-        ref = open_store(p, p.cache.reference, reference, teachers, prep)
-        t = ref.read("test")
-        ref_test = (CACHE_KINDS.load(t.kind).top1(t), t.tensors.get("logits"))
-        if store is None and methods and ref.attrs["views"] > 1:
-            # students of labels replay the same cached views as those of the teacher (every
-            # store holds the same views), each view with its true label
-            train = TeacherTargets(None, {"aug": ref.read("train").tensors["aug"]})
-    if store is not None and methods:
-        train = open_store(p, store, logits, teachers, prep).read("train")
-    records = train_students(p, prep, methods, train, ref_test)
-    out = Path(out_dir) / "runs.json"
-    atomic_write_json(out, [r.row() for r in records])
-    return out

@@ -1,0 +1,85 @@
+"""Where a student stage's stacks train: in this process (`student.executor: local`) or on a Dask
+distributed cluster (`dask`), the stage process being the Dask client — DVC stays the
+orchestrator (DESIGN.md §8).
+
+Dask: `student.dask.address` names an existing scheduler (e.g. a dask-jobqueue SLURMCluster's,
+README); without one a `LocalCluster` starts with one worker process per GPU (each stack asks
+for the worker resource "GPU": 1, so it gets a whole device) or, on a CPU machine,
+`student.dask.workers` (default 2). A stack is one task: workers open the stage's inputs from
+shared storage once and keep them across stacks, results come back as rows, and a worker that
+dies mid-stack has its stack rescheduled elsewhere by the scheduler — nothing partial is
+written, since the client alone writes runs.json, once every stack is back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from kdsweep.config import Params
+from kdsweep.students.train import Stack, StageInputs, train_stack
+
+Rows = list[dict[str, Any]]
+
+
+def run_stacks(
+    p: Params, inputs: StageInputs, run: str, stacks: list[Stack], keys: dict[int, str]
+) -> Rows:
+    """Train every stack of the stage run `run` on the configured executor; the rows in
+    `stacks` order."""
+    if p.student.executor == "local":
+        return [row for s in stacks for row in train_stack(p, inputs, run, s, keys)]
+    return _on_dask(p, inputs, run, stacks, keys)
+
+
+class _OneDevicePerWorker(WorkerPlugin):
+    """Worker plugin: LocalCluster worker i trains on cuda:i (mod the devices it sees); a worker
+    of an HPC job (a string name) keeps the device its job was given."""
+
+    def setup(self, worker: Any) -> None:
+        if isinstance(worker.name, int) and torch.cuda.is_available():
+            torch.cuda.set_device(worker.name % torch.cuda.device_count())
+
+
+def _on_dask(
+    p: Params, inputs: StageInputs, run: str, stacks: list[Stack], keys: dict[int, str]
+) -> Rows:
+    from distributed import Client, LocalCluster
+
+    if not stacks:
+        return []
+    d = p.student.dask
+    gpus = torch.cuda.device_count() if p.student.device in ("auto", "cuda") else 0
+    resources = {"GPU": 1} if gpus else None
+    cluster = None
+    if d.address is None:
+        cluster = LocalCluster(
+            n_workers=d.workers or gpus or 2,
+            threads_per_worker=1,  # one stack at a time per worker process
+            resources=resources,
+            dashboard_address=None,
+        )
+    try:
+        with Client(d.address or cluster) as client:
+            if gpus:
+                client.register_plugin(_OneDevicePerWorker())
+            futures = [
+                client.submit(
+                    train_stack,
+                    p,
+                    inputs,
+                    run,
+                    s,
+                    {i: keys[i] for i in s.members},
+                    resources=resources,
+                    pure=False,
+                    key=f"stack-{run}-{n}",
+                )
+                for n, s in enumerate(stacks)
+            ]
+            return [row for rows in client.gather(futures) for row in rows]
+    finally:
+        if cluster is not None:
+            cluster.close()

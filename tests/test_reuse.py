@@ -1,0 +1,175 @@
+"""Student-level reuse (kdsweep.students.reuse) and the Dask executor (kdsweep.students.executor):
+a stage trains only the students whose content key its previous output lacks, and what it writes
+equals a from-scratch run; a Dask LocalCluster writes what the local executor writes, also when
+a worker dies mid-stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from kdsweep.cache.build import build_cache
+from kdsweep.config import Params, parse_params
+from kdsweep.data.prepared import load_prepared
+from kdsweep.students import reuse
+from kdsweep.students.stage import run_student_stage
+from kdsweep.students.train import StageInputs
+
+from .conftest import tiny_raw
+
+PROVENANCE = ("train_seconds",)  # when it trained; everything else must be equal
+
+
+def params(**changes) -> Params:
+    raw = tiny_raw()
+    raw["student"]["threads"] = 1  # fixed, so that Dask workers (1 thread) round the same
+    for dotted, value in changes.items():
+        *path, last = dotted.split("__")
+        node = raw
+        for k in path:
+            node = node[k]
+        node[last] = value
+    return parse_params(raw)
+
+
+def inputs(ws: Path, store: str | None) -> StageInputs:
+    data = ws / "data"
+    return StageInputs(
+        data / "prepared",
+        data / "teachers/metrics.json",
+        data / "logits/full.zarr",
+        store,
+        data / "logits" / f"{store}.zarr" if store else None,
+    )
+
+
+def stage(p: Params, ws: Path, store: str | None, out: str) -> list[dict]:
+    return json.loads(run_student_stage(p, inputs(ws, store), ws / out).read_text())
+
+
+def strip(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in PROVENANCE} for r in rows]
+
+
+def trained_reused(capsys) -> tuple[int, int]:
+    line = [x for x in capsys.readouterr().out.splitlines() if "students, reused" in x][-1]
+    words = line.split()
+    return int(words[words.index("trained") + 1]), int(words[words.index("reused") + 1])
+
+
+def test_changing_kd_tau_trains_only_kd_students_and_equals_a_fresh_run(workspace, capsys):
+    old = params()
+    before = stage(old, workspace, "full", "out")
+    assert trained_reused(capsys) == (len(before), 0)
+    new = params(methods__kd__tau=[1, 8])  # was [1, 4]
+    after = stage(new, workspace, "full", "out")
+    n_kd8 = sum(r["method"] == "kd" and r["tau"] == 4 for r in before)
+    assert n_kd8 > 0 and trained_reused(capsys) == (n_kd8, len(after) - n_kd8)
+    unchanged = [r for r in before if not (r["method"] == "kd" and r["tau"] == 4)]
+    assert all(r in after for r in unchanged)  # byte-identical rows, provenance included
+    assert strip(after) == strip(stage(new, workspace, "full", "fresh"))
+    assert trained_reused(capsys) == (len(after), 0)
+    # a stacked path is among them: reuse must not change a stack member's rounding
+    assert {r["train_path"] for r in after} == {"stacked"}
+
+
+def test_changing_a_loss_s_code_retrains_exactly_its_students(workspace, capsys, monkeypatch):
+    p = params()
+    before = stage(p, workspace, "full", "out")
+    capsys.readouterr()
+    real = reuse.code_version.__wrapped__
+
+    def edited(arch: str, loss: str, kind: str | None) -> str:
+        return real(arch, loss, kind) + ("-edited" if loss == "kd" else "")
+
+    monkeypatch.setattr(reuse, "code_version", edited)
+    after = stage(p, workspace, "full", "out")
+    kd = [r for r in after if r["loss"] == "kd"]
+    assert kd and trained_reused(capsys) == (len(kd), len(after) - len(kd))
+    assert {r["student_key"] for r in kd}.isdisjoint({r["student_key"] for r in before})
+
+
+def test_code_version_reads_the_modules_a_student_runs_and_no_other():
+    files = {str(f) for f in reuse.closure(reuse.STUDENT_SCRIPT, registry_loads=False)}
+    assert "src/kdsweep/losses.py" in files and "src/kdsweep/students/train.py" in files
+    # the vision models are on a ResNet student's path only: editing them retrains no 1D CNN
+    assert "src/kdsweep/models/vision.py" not in files
+    assert reuse.code_version("cnn1d", "kd", "full") != reuse.code_version("resnet20", "kd", "full")
+    assert reuse.code_version("cnn1d", "kd", "full") == reuse.code_version("mlp", "kd", "full")
+
+
+def test_a_changed_cache_retrains_its_readers(workspace, capsys):
+    p = params()
+    stage(p, workspace, "top3", "out")
+    capsys.readouterr()
+    raw = tiny_raw()
+    raw["cache"]["stores"]["top3"]["dtype"] = "float32"  # other rows, same store name
+    data = workspace / "data"
+    shutil.rmtree(data / "logits/top3.zarr")  # as DVC removes a stage's outputs before it runs
+    build_cache(
+        parse_params(raw),
+        "top3",
+        load_prepared(data / "prepared"),
+        data / "teachers/main.safetensors",
+        data / "logits/top3.zarr",
+        data / "summaries/top3.json",
+    )
+    rows = stage(p, workspace, "top3", "out")
+    assert trained_reused(capsys) == (len(rows), 0)
+
+
+def test_an_unreadable_previous_output_means_training_from_scratch(workspace, capsys):
+    p = params()
+    (workspace / "out").mkdir()
+    (workspace / "out/runs.json").write_text("[{truncated")
+    rows = stage(p, workspace, None, "out")
+    assert trained_reused(capsys) == (len(rows), 0)
+
+
+@pytest.mark.e2e
+def test_dask_local_cluster_writes_what_the_local_executor_writes(workspace, capsys):
+    local = stage(params(), workspace, "full", "local")
+    dask = stage(
+        params(student__executor="dask", student__dask={"workers": 2}), workspace, "full", "dask"
+    )
+    assert "executor: dask" in capsys.readouterr().out
+    assert strip(dask) == strip(local)
+
+
+@pytest.mark.e2e
+def test_a_killed_worker_s_stack_is_retried_and_no_partial_row_is_written(workspace):
+    from distributed import Client, LocalCluster
+
+    steps = {"mode": "steps", "value": 400, "min_epochs": 0}  # stacks long enough to kill one
+    local = stage(params(student__budget=steps), workspace, None, "local")
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster:
+        p = params(
+            student__budget=steps,
+            student__executor="dask",
+            student__dask={"address": cluster.scheduler_address},
+        )
+        result: dict = {}
+        run = threading.Thread(target=lambda: result.update(rows=stage(p, workspace, None, "d")))
+        run.start()
+        with Client(cluster) as client:
+            killed = None
+            deadline = time.time() + 120
+            while killed is None and time.time() < deadline:
+                busy = [w for w, tasks in client.processing().items() if tasks]
+                if busy:
+                    pid = client.run(os.getpid, workers=[busy[0]])[busy[0]]
+                    os.kill(pid, signal.SIGKILL)
+                    killed = busy[0]
+                time.sleep(0.2)
+            assert killed is not None, "no stack was ever seen running"
+        run.join(timeout=300)
+    assert not run.is_alive()
+    assert strip(result["rows"]) == strip(local)
+    assert len({r["student_key"] for r in result["rows"]}) == len(local)
