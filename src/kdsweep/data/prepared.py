@@ -57,26 +57,30 @@ def subset_indices(order: torch.Tensor, alpha: float, min_rows: int) -> torch.Te
 def carve_validation(
     subset: torch.Tensor, groups: torch.Tensor, fraction: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, validation) rows of a subset; selection (τ, budget) reads only the validation
+    """(train, validation) rows of a subset; selection (τ, checkpoints) reads only the validation
     rows, never the test split.
 
-    The k-th row of group g (its class; one group for token sequences) validates when
-    frac((k + g + 1)·φ) < fraction, φ the golden ratio: a low-discrepancy rule per class, so
-    every class validates in proportion (within a row or two), the split is nested across α like
-    the subsets, and every student of one (α, seed) gets the same split whatever its method. A
-    rule on positions alone (every k-th row) would alias with the interleaved order's class cycle.
+    Exactly round(fraction·m) rows validate, so every subset seed of one α keeps the same number
+    of training rows (students of one α stack). They are the rows of lowest score
+    frac((k + g + 1)·φ), k the row's rank within its group g (its class; one group for token
+    sequences) and φ the golden ratio: a low-discrepancy sequence per class, so each class
+    validates in proportion and the choice barely moves as α grows; every student of one
+    (α, seed) gets the same split, whatever its method. A rule on positions alone (every k-th
+    row) would alias with the interleaved order's class cycle.
     """
     golden = (1 + 5**0.5) / 2
     k = torch.empty(len(subset), dtype=torch.float64)
     for g in groups.unique():
         rows = groups == g
         k[rows] = torch.arange(int(rows.sum()), dtype=torch.float64) + float(g)
-    val = torch.frac((k + 1) * golden) < fraction
-    if not val.any() or val.all():
+    n_val = round(fraction * len(subset))
+    if not 0 < n_val < len(subset):
         raise DataError(
             f"a subset of {len(subset)} rows cannot be split into training and validation rows at "
             f"student.val_fraction={fraction}: raise alpha or data.n_train"
         )
+    val = torch.zeros(len(subset), dtype=torch.bool)
+    val[torch.argsort(torch.frac((k + 1) * golden), stable=True)[:n_val]] = True
     return subset[~val], subset[val]
 
 
