@@ -13,7 +13,7 @@ from kdsweep.registry import ARCHS
 from kdsweep.students.plan import CPU_STACK_MAX_PARAMS, choose_path, memory_groups
 from kdsweep.students.stack import fit_stacked, stack_subsets, stacked_student_loss
 from kdsweep.targets import NO_TARGETS, TeacherTargets, ViewBatches
-from kdsweep.train import NonFiniteLoss, fit
+from kdsweep.train import BestVal, NonFiniteLoss, fit
 
 SEEDS = [3, 1007, 2000]
 F64 = torch.float64
@@ -43,17 +43,32 @@ def _factory(arch: str, width: int):
 
 
 @pytest.mark.parametrize(
-    ("arch", "width", "loss", "kind"),
-    [("mlp", 16, "ce", None), ("mlp", 16, "kd", "full"), ("cnn1d", 8, "kd", "full")],
+    ("arch", "width", "loss", "kind", "best_val"),
+    [
+        ("mlp", 16, "ce", None, False),
+        ("mlp", 16, "kd", "full", False),
+        ("cnn1d", 8, "kd", "full", False),
+        ("mlp", 16, "ce", None, True),
+        ("mlp", 16, "kd", "full", True),
+    ],
 )
-def test_stacked_equals_sequential_fit(arch: str, width: int, loss: str, kind: str | None) -> None:
+def test_stacked_equals_sequential_fit(
+    arch: str, width: int, loss: str, kind: str | None, best_val: bool
+) -> None:
+    """Also under best_val selection, where each student of the stack keeps its own best step
+    (validation rows of random labels and a high learning rate: they overfit early)."""
     xs, targets = _data()
     if kind is None:
         targets = {"y": targets["y"]}
     lam, taus = [0.9, 0.5, 1.0], [1.0, 2.0, 4.0]
     hyper = {"lam": torch.tensor(lam, dtype=F64), "tau": torch.tensor(taus, dtype=F64)}
     fn = stacked_student_loss(loss, kind, 0.0)
-    out = fit_stacked(_factory(arch, width), SEEDS, xs, targets, fn, hyper, STEPS, BS, 0.01, 0.1)
+    xv, yv = _data()[0][:, :12] * 2, torch.flip(_data()[1]["y"][:, :12], [1])  # other rows
+    select = BestVal(xv, yv, every=2) if best_val else None
+    lr = 0.1 if best_val else 0.01
+    out = fit_stacked(
+        _factory(arch, width), SEEDS, xs, targets, fn, hyper, STEPS, BS, lr, 0.1, select=select
+    )
     for k, seed in enumerate(SEEDS):
         torch.manual_seed(seed)  # as students.train.train_one initialises a student
         model = _factory(arch, width)(seed)
@@ -64,12 +79,17 @@ def test_stacked_equals_sequential_fit(arch: str, width: int, loss: str, kind: s
             return student_loss(loss, z, y, t, lam[k], taus[k], 0.0)[0]
 
         batch = ViewBatches(xs[k], targets["y"][k], rows, seed)  # as train_one feeds `fit`
-        fit(model, xs[k], loss_fn, STEPS, BS, 0.01, 0.1, seed, batch=batch)
+        one = BestVal(xv[k : k + 1], yv[k : k + 1], every=2) if select else None
+        fit(model, xs[k], loss_fn, STEPS, BS, lr, 0.1, seed, batch=batch, select=one)
+        if select is not None:
+            assert one.step.item() == select.step[k].item()
         stacked = out.models[k]
         assert not stacked.training
         for (name, a), b in zip(model.named_parameters(), stacked.parameters(), strict=True):
             assert torch.allclose(a, b, rtol=0, atol=1e-10), (name, (a - b).abs().max())
             assert not torch.equal(a, _factory(arch, width)(0).get_parameter(name))
+    if select is not None:
+        assert select.step.min() < STEPS and len(set(select.step.tolist())) > 1
 
 
 def test_seed_sets_data_order() -> None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdsweep.metrics import evaluate, expected_calibration_error
-from kdsweep.train import AdamW, NonFiniteLoss, accuracy, fit, num_steps
+from kdsweep.train import AdamW, BestVal, NonFiniteLoss, accuracy, fit, num_steps
 
 
 def _twins() -> tuple[nn.Module, nn.Module]:
@@ -125,6 +125,72 @@ def test_fit_raises_on_a_non_finite_loss():
     x, y = _data()
     with pytest.raises(NonFiniteLoss, match="at step 0"):
         fit(_student(0), x, lambda z, i: z.sum(-1) * float("nan"), 3, 16, 0.05, 0.0, 0, desc="s")
+
+
+def _val_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return F.cross_entropy(model(x), y).item()
+
+
+def _task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learnable task (the label is the largest of the first 4 inputs), so that validation
+    rows drawn apart from the training rows measure generalisation."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 12, generator=g, dtype=torch.float64)
+    return x, x[:, 0, :4].argmax(1)
+
+
+def test_best_val_keeps_the_checkpoint_before_a_student_diverges():
+    """A learning rate far too high: the validation loss is lowest at the first evaluation and
+    then climbs; best_val ends the student there, last at whatever the final step left."""
+    (x, y), (xv, yv) = _task(64, 0), _task(32, 1)
+    last, best = _student(0), _student(0)
+    fit(last, x, _ce(y), 40, 16, 0.3, 0.0, seed=1)
+    select = BestVal(xv[None], yv[None], every=4)
+    fit(best, x, _ce(y), 40, 16, 0.3, 0.0, seed=1, select=select)
+    assert int(select.step[0]) == 4
+    assert _val_loss(best, xv, yv) == pytest.approx(float(select.loss[0]), rel=1e-12)
+    assert _val_loss(best, xv, yv) < 0.5 * _val_loss(last, xv, yv)
+    assert not best.training
+
+
+def test_best_val_evaluation_leaves_training_unchanged():
+    """Evaluating draws no random numbers and touches no state: while the validation loss only
+    falls, best_val's student is exactly last's."""
+    (x, y), (xv, yv) = _task(64, 0), _task(32, 1)
+    last, best = _student(0), _student(0)
+    fit(last, x, _ce(y), 40, 16, 0.05, 0.1, seed=1)
+    select = BestVal(xv[None], yv[None], every=4)
+    fit(best, x, _ce(y), 40, 16, 0.05, 0.1, seed=1, select=select)
+    assert int(select.step[0]) == 40
+    assert torch.equal(_flat(best), _flat(last))
+
+
+def test_best_val_ends_a_student_whose_loss_turns_non_finite_at_its_checkpoint():
+    x, y = _data()
+    calls = 0
+
+    def loss_fn(z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return F.cross_entropy(z, y[idx], reduction="none") * (float("nan") if calls > 5 else 1)
+
+    model = _student(0)
+    select = BestVal(x[None], y[None], every=2)
+    fit(model, x, loss_fn, 10, 16, 0.05, 0.0, seed=0, select=select)
+    assert int(select.step[0]) == 4 and torch.isfinite(_flat(model)).all()
+    with pytest.raises(NonFiniteLoss, match="at step 0"):  # no checkpoint yet: it still fails
+        fit(
+            _student(0),
+            x,
+            lambda z, i: z.sum(-1) * float("nan"),
+            3,
+            16,
+            0.05,
+            0.0,
+            0,
+            select=BestVal(x[None], y[None], every=2),
+        )
 
 
 @pytest.mark.parametrize(

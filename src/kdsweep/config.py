@@ -204,11 +204,15 @@ class CacheParams(Strict):
 
 class Budget(Strict):
     """`value` steps (mode steps) or epochs of the subset (mode epochs), and never fewer than
-    `min_epochs` passes over the subset: equal steps alone starve the large α."""
+    `min_epochs` passes over the subset: equal steps alone starve the large α. `select`: the
+    student is its `last` step, or (`best_val`) its checkpoint of lowest validation loss,
+    evaluated every `eval_every` steps and at the end (`train.BestVal`)."""
 
     mode: Literal["epochs", "steps"] = "steps"
     value: int = Field(1500, gt=0)
     min_epochs: int = Field(0, ge=0)
+    select: Literal["last", "best_val"] = "last"
+    eval_every: int = Field(100, gt=0)
 
 
 class DaskParams(Strict):

@@ -47,6 +47,7 @@ class RunRecord:
     budget_mode: str
     epochs: float
     steps: int
+    best_step: int | None  # the chosen checkpoint's step under budget.select best_val
     n_val: int  # validation rows carved from the subset (selection reads val_*, never test_*)
     val_acc: float
     val_ppl: float | None

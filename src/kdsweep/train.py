@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.optim.adam import adam
 from tqdm import tqdm
@@ -86,6 +87,69 @@ class AdamW:
         self.t += 1
 
 
+class BestVal:
+    """Best-validation checkpoint selection (`student.budget.select: best_val`) for K students
+    trained together (K = 1 under `fit`): after every `every` steps and after the last, each
+    student's mean cross-entropy on its own validation rows (log-perplexity for a language
+    model); each keeps a copy of its state at its lowest and gets it back when training ends. A
+    fixed budget lets a small subset overfit far past its best (perplexity ~20,000 at α = 0.05
+    on the language track); selection reads validation rows only, never test.
+
+    x, y: [K, n_val, ...] each student's validation inputs and labels. After training, `step`
+    holds each student's chosen step (0: it never reached a finite validation loss).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, every: int, batch_size: int = 256):
+        if every <= 0:
+            raise ValueError(f"eval_every must be positive, got {every}")
+        self.x, self.y, self.every, self.batch_size = x, y, every, batch_size
+        self.loss = torch.full((len(x),), math.inf, dtype=torch.float64)
+        self.step = torch.zeros(len(x), dtype=torch.long)
+        self.state: list[torch.Tensor] = []
+
+    def due(self, done: int, steps: int) -> bool:
+        """Whether to evaluate after `done` of `steps` steps."""
+        return done % self.every == 0 or done == steps
+
+    @torch.no_grad()
+    def evaluate(self, forward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Each student's mean validation cross-entropy [K]; forward(x [K, b, ...]) gives the
+        K students' logits [K, b, ..., C], in batches of `batch_size` rows per student."""
+        total = torch.zeros(len(self.x), dtype=torch.float64, device=self.x.device)
+        for i in range(0, self.x.shape[1], self.batch_size):
+            z, y = forward(self.x[:, i : i + self.batch_size]), self.y[:, i : i + self.batch_size]
+            ce = F.cross_entropy(z.flatten(0, -2), y.flatten(), reduction="none")
+            total += ce.view(len(z), -1).sum(1).double()
+        return total.cpu() / self.y[0].numel()
+
+    @torch.no_grad()
+    def update(self, done: int, losses: torch.Tensor, state: list[torch.Tensor]) -> None:
+        """Keep a copy of `state` (tensors [K, ...]) for the students whose `losses` [K] are
+        their lowest so far (NaN never is)."""
+        better = losses < self.loss
+        self.loss = torch.where(better, losses, self.loss)
+        self.step = torch.where(better, done, self.step)
+        if not self.state:
+            self.state = [s.detach().clone() for s in state]
+        for keep, s in zip(self.state, state, strict=True):
+            keep.copy_(torch.where(_rows(better, s), s, keep))
+
+    @torch.no_grad()
+    def restore(self, state: list[torch.Tensor]) -> None:
+        """Write each student's best copy back into `state` (a student without one keeps its own)."""
+        has = self.step > 0
+        for keep, s in zip(self.state, state, strict=True):
+            s.copy_(torch.where(_rows(has, s), keep, s))
+
+    def checkpointed(self, k: int) -> bool:
+        return bool(self.step[k] > 0)
+
+
+def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-student mask [K] shaped to broadcast over `like` [K, ...], on its device."""
+    return mask.to(like.device).view(-1, *[1] * (like.dim() - 1))
+
+
 @contextmanager
 def flushed_denormals() -> Iterator[None]:
     """Flush denormal floats to zero for the block, then restore IEEE behaviour (the flag is
@@ -109,12 +173,14 @@ def fit(
     seed: int,
     desc: str = "train",
     batch: BatchFn | None = None,
+    select: BestVal | None = None,
 ) -> float:
     """AdamW with cosine decay over `steps` steps of shuffled mini-batches (epoch-wise permutations).
 
     The data order depends only on `seed`, so a student is reproducible on its own. `batch(idx)`
     builds a step's inputs and the loss's context (default: `x[idx]` and the row ids `idx`);
-    `loss_fn(logits, context)` returns the per-sample loss.
+    `loss_fn(logits, context)` returns the per-sample loss. With `select` (K = 1) the model ends
+    at its best validation checkpoint; a non-finite loss after one ends training there.
     On CUDA the forward pass runs under bf16 autocast, and image models use channels_last
     (the layout cuDNN's convolutions are fastest in). Returns the training wall time in seconds.
     """
@@ -128,6 +194,7 @@ def fit(
         model.to(memory_format=layout)
     model.train()
     t0 = time.perf_counter()
+    state = [t[None] for t in (*model.parameters(), *model.buffers())]  # K = 1 views
     perm, pos = torch.randperm(n, generator=gen), 0
     with flushed_denormals():
         for step in tqdm(range(steps), desc=desc, disable=None, leave=False, mininterval=1.0):
@@ -140,6 +207,8 @@ def fit(
                 z = model(inputs.contiguous(memory_format=layout))
             loss = loss_fn(z.float(), context).mean()
             if not torch.isfinite(loss):
+                if select is not None and select.checkpointed(0):
+                    break
                 raise NonFiniteLoss(
                     f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate or "
                     "check the cached targets (`kdsweep cache verify`)"
@@ -147,6 +216,12 @@ def fit(
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if select is not None and select.due(step + 1, steps):
+                model.eval()
+                select.update(step + 1, select.evaluate(lambda xb: model(xb[0])[None]), state)
+                model.train()
+    if select is not None:
+        select.restore(state)
     model.eval()
     return time.perf_counter() - t0
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from kdsweep.losses import student_loss
 from kdsweep.targets import TeacherTargets
-from kdsweep.train import AdamW, NonFiniteLoss, flushed_denormals
+from kdsweep.train import AdamW, BestVal, NonFiniteLoss, flushed_denormals
 
 # (logits [bs, C], this student's target rows {name: [bs, ...]}, its hyper-parameters {name: 0-d})
 #   -> (per-sample loss [bs], per-sample distillation term [bs]), like `losses.student_loss`.
@@ -61,9 +61,12 @@ def fit_stacked(
     lr: float,
     weight_decay: float,
     desc: str = "stacked",
+    select: BestVal | None = None,
 ) -> StackedFit:
     """Train K = len(seeds) students at once; student k is the one `train.fit` would train with
-    `seed=seeds[k]` on inputs `xs[k]` and targets `{name: t[k]}`.
+    `seed=seeds[k]` on inputs `xs[k]` and targets `{name: t[k]}` (and `select` its validation
+    rows: each student ends at its own best checkpoint; one whose loss turns non-finite after
+    its first checkpoint trains on uselessly beside the others and ends there too).
 
     xs: [K, n, ...] and every target [K, n, ...] (one stage instance shares α, hence n);
     hyper: {name: float64 [K]} per-student scalars (τ, λ) handed to `loss_fn` as 0-d tensors.
@@ -96,6 +99,7 @@ def fit_stacked(
         torch.manual_seed(seed)
         models.append(model_factory(seed).to(device))
     params, buffers = stack_module_state(models)
+    state = [*params.values(), *buffers.values()]
     base = copy.deepcopy(models[0]).to("meta")
     base.train()
 
@@ -127,10 +131,11 @@ def fit_stacked(
                 z.float(), {m: t[rows, idx] for m, t in targets.items()}, hyper
             )
             loss = per_sample.mean(1)
-            if not torch.isfinite(loss).all():
-                bad = [
-                    s for s, ok in zip(seeds, torch.isfinite(loss).tolist(), strict=True) if not ok
-                ]
+            finite = torch.isfinite(loss).tolist()
+            if not all(
+                ok or (select is not None and select.checkpointed(i)) for i, ok in enumerate(finite)
+            ):
+                bad = [s for s, ok in zip(seeds, finite, strict=True) if not ok]
                 raise NonFiniteLoss(
                     f"{desc}: the loss of the students with seeds {bad} became non-finite at step "
                     f"{step}; lower the learning rate or check the cached targets "
@@ -141,6 +146,14 @@ def fit_stacked(
             opt.step()
             neg += (distill.detach() < 0).flatten(1).sum(1)
             terms += distill[0].numel()
+            if select is not None and select.due(step + 1, steps):
+                base.eval()
+                select.update(
+                    step + 1, select.evaluate(lambda x: forward_k(params, buffers, x)), state
+                )
+                base.train()
+    if select is not None:
+        select.restore(state)
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         for i, model in enumerate(models):

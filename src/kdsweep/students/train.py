@@ -32,9 +32,11 @@ from kdsweep.students.plan import StudentJob, choose_path, memory_groups, stack_
 from kdsweep.students.reuse import student_key
 from kdsweep.students.stack import fit_stacked, stack_subsets, stacked_student_loss
 from kdsweep.targets import NO_TARGETS, TeacherTargets, ViewBatches
-from kdsweep.train import fit, num_steps, pick_device, predict
+from kdsweep.train import BestVal, fit, num_steps, pick_device, predict
 
-Trained = tuple[torch.nn.Module, float, float]  # (model on the CPU, seconds, negative-KL fraction)
+# (model on the CPU, seconds, negative-KL fraction, chosen step under best_val else None)
+Trained = tuple[torch.nn.Module, float, float, int | None]
+Rows = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels) of a student's validation rows
 
 
 def git_rev() -> str:
@@ -241,6 +243,10 @@ def train_stack(
         # built when its student trains: one stage's many subsets never sit in memory at once
         return student_data(job, sd.prep, sd.train, p.student.val_fraction)
 
+    def val(job: StudentJob) -> Rows:
+        _, idx = sd.prep.split(job.alpha, job.subset_seed, p.student.val_fraction)
+        return sd.prep.splits.x_train[idx], sd.prep.splits.y_train[idx]
+
     members = [jobs[i] for i in stack.members]
     if stack.path == "stacked":
         # vmap over a single student rounds differently from vmap over several (whose members
@@ -248,9 +254,10 @@ def train_stack(
         padded = members * 2 if len(members) == 1 else members
         probe = _student_model(p, num_classes, sd.prep.splits.x_train, seed=0)
         key = stack_key(members[0], sd.train)
-        trained = _fit_stack(p, key, padded, part, probe, num_classes, device)[: len(members)]
+        trained = _fit_stack(p, key, padded, part, val, probe, num_classes, device)
+        trained = trained[: len(members)]
     else:
-        trained = [train_one(p, job, part(job), num_classes, device) for job in members]
+        trained = [train_one(p, job, part(job), val(job), num_classes, device) for job in members]
     report_work("train", sum(t[1] for t in trained))
     rev = git_rev()
     return [
@@ -276,12 +283,14 @@ def _fit_stack(
     key: tuple,
     jobs: list[StudentJob],
     part: Callable[[StudentJob], tuple[torch.Tensor, torch.Tensor, TeacherTargets]],
+    val: Callable[[StudentJob], Rows],
     probe: torch.nn.Module,
     num_classes: int,
     device: torch.device,
-) -> list[tuple[torch.nn.Module, float, float]]:
+) -> list[Trained]:
     """Stacked training of students sharing `key`, in groups that fit memory (half the free GPU
-    memory, 4 GiB on a CPU); `part(job)` builds a student's inputs, labels and teacher rows.
+    memory, 4 GiB on a CPU); `part(job)` builds a student's inputs, labels and teacher rows,
+    `val(job)` its validation rows.
 
     A student's footprint is estimated as parameters + gradients + AdamW state (16 bytes a
     parameter) plus its subset, targets and a generous allowance for activations.
@@ -297,13 +306,14 @@ def _fit_stack(
     sample = x0[:1].clone()  # the model factory needs only the input shape: free the subset
     del x0, y0, t0
     loss_fn = stacked_student_loss(jobs[0].m.loss, kind, epsilon or 0.0, topk_mode or "tail")
-    out: list[tuple[torch.nn.Module, float, float]] = []
+    out: list[Trained] = []
     for group in memory_groups(len(jobs), 16 * n_params + data_bytes + act, budget):
         xs, targets = stack_subsets([part(jobs[i]) for i in group])
         hyper = {
             "lam": torch.tensor([jobs[i].m.lam for i in group], dtype=torch.float64),
             "tau": torch.tensor([jobs[i].tau for i in group], dtype=torch.float64),
         }
+        select = _best_val(st, [val(jobs[i]) for i in group], device)
         res = fit_stacked(
             lambda seed: _student_model(p, num_classes, sample, seed),
             [jobs[i].seed for i in group],
@@ -316,26 +326,45 @@ def _fit_stack(
             st.lr,
             st.weight_decay,
             desc=f"{jobs[0].m.loss} α={jobs[0].alpha:g} ×{len(group)}",
+            select=select,
         )
         share = res.seconds / len(group)
-        out += [(mod.cpu(), share, neg) for mod, neg in zip(res.models, res.neg_frac, strict=True)]
+        out += [
+            (mod.cpu(), share, neg, _best_step(select, i))
+            for i, (mod, neg) in enumerate(zip(res.models, res.neg_frac, strict=True))
+        ]
     return out
+
+
+def _best_val(st: StudentParams, rows: list[Rows], device: torch.device) -> BestVal | None:
+    """The validation rows of K students as `train.BestVal` (None under `select: last`)."""
+    if st.budget.select == "last":
+        return None
+    xs, ys = (torch.stack(t).to(device) for t in zip(*rows, strict=True))
+    return BestVal(xs, ys, st.budget.eval_every)
+
+
+def _best_step(select: BestVal | None, k: int) -> int | None:
+    return int(select.step[k]) if select is not None else None
 
 
 def train_one(
     p: Params,
     job: StudentJob,
     part: tuple[torch.Tensor, torch.Tensor, TeacherTargets],
+    val: Rows,
     num_classes: int,
     device: torch.device,
 ) -> Trained:
-    """One student on its own: (trained model on the CPU, seconds, fraction of negative KL terms)."""
+    """One student on its own: (trained model on the CPU, seconds, fraction of negative KL terms,
+    chosen step)."""
     x, y, t = part[0].to(device), part[1].to(device), part[2].to(device)
     st, m = p.student, job.m
     model = _student_model(p, num_classes, x, job.seed).to(device)
     steps = student_steps(st, len(y))
     neg = torch.zeros((), device=device)
     terms = 0
+    select = _best_val(st, [val], device)
 
     def loss_fn(z: torch.Tensor, ctx: tuple[torch.Tensor, TeacherTargets]) -> torch.Tensor:
         nonlocal neg, terms
@@ -356,8 +385,9 @@ def train_one(
         job.seed,
         desc=f"{job.method} α={job.alpha:g} s={job.subset_seed}",
         batch=ViewBatches(x, y, t, job.seed),
+        select=select,
     )
-    return model.cpu(), seconds, float(neg) / max(terms, 1)
+    return model.cpu(), seconds, float(neg) / max(terms, 1), _best_step(select, 0)
 
 
 def run_record(
@@ -366,6 +396,7 @@ def run_record(
     model: torch.nn.Module,
     seconds: float,
     neg_frac: float,
+    best_step: int | None,
     path: str,
     prep: Prepared,
     ref_test: tuple[torch.Tensor, torch.Tensor | None],
@@ -406,6 +437,7 @@ def run_record(
         budget_mode=st.budget.mode,
         epochs=steps * min(st.batch_size, n_train) / n_train,
         steps=steps,
+        best_step=best_step,
         n_val=len(val_idx),
         val_acc=val["test_acc"],
         val_ppl=val["test_ppl"] if p.data.task == "lm" else None,
