@@ -27,6 +27,7 @@ TINY: dict = {
         "batch_size": 64,
         "lr": 0.01,
         "seed": 0,
+        "device": "cpu",
     },
     "cache": {
         "codec": {"name": "blosc", "cname": "zstd", "clevel": 5, "shuffle": "shuffle"},

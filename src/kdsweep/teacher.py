@@ -22,9 +22,10 @@ from kdsweep.io import (
     save_checkpoint,
     weights_fingerprint,
 )
+from kdsweep.metrics import evaluate
 from kdsweep.models import build_model, reinit_head
 from kdsweep.registry import TEACHERS
-from kdsweep.train import BatchFn, accuracy, fit, num_steps, pick_device, predict
+from kdsweep.train import BatchFn, fit, num_steps, pick_device, predict
 
 
 def teacher_model(p: Params, prep: Prepared) -> torch.nn.Module:
@@ -43,7 +44,7 @@ def train_teacher(
     trains on its own equal shard of the training split; rank 0 saves.
     """
     s, t = prep.splits, p.teacher
-    device = pick_device(t.device) if world == 1 else _rank_device(t.device, rank)
+    device = rank_device(t.device, rank)
     model = teacher_model(p, prep).to(device)
     shard = len(s.y_train) // world
     x = s.x_train[rank * shard : (rank + 1) * shard].to(device)
@@ -74,8 +75,10 @@ def train_teacher(
             reinit_head(model, t.seed + 1)
         path = Path(out_dir) / f"{tid}.safetensors"
         save_checkpoint(model, path, {"arch": t.arch, "dataset_fingerprint": prep.fingerprint})
-        acc = accuracy(predict(model, s.x_test), s.y_test)
-        metrics[tid] = {"test_acc": acc, "fingerprint": weights_fingerprint(path)}
+        score = evaluate(predict(model, s.x_test), s.y_test)
+        metrics[tid] = {"test_acc": score["test_acc"], "fingerprint": weights_fingerprint(path)}
+        if p.data.task == "lm":  # what every student must beat: the report quotes it
+            metrics[tid]["test_ppl"] = score["test_ppl"]
     atomic_write_json(Path(out_dir) / "metrics.json", metrics)
     return metrics
 
@@ -96,7 +99,8 @@ def fresh_views(x: torch.Tensor, seed: int) -> BatchFn:
     return batch
 
 
-def _rank_device(name: str, rank: int) -> torch.device:
+def rank_device(name: str, rank: int) -> torch.device:
+    """The device of process `rank` (0 alone): under torchrun each rank takes its own GPU."""
     device = pick_device(name)
     return (
         torch.device("cuda", rank % torch.cuda.device_count()) if device.type == "cuda" else device

@@ -228,8 +228,16 @@ def fit(
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """The model's float32 outputs on the CPU, batches moved to wherever the model lives."""
     model.eval()
-    return torch.cat([model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
+    weight = next(model.parameters(), None)
+    device = x.device if weight is None else weight.device
+    return torch.cat(
+        [
+            model(x[i : i + batch_size].to(device)).float().cpu()
+            for i in range(0, len(x), batch_size)
+        ]
+    )
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:

@@ -21,7 +21,7 @@ from kdsweep.config import Params, ParamsError
 from kdsweep.data.prepared import Prepared
 from kdsweep.distributed import barrier
 from kdsweep.io import load_checkpoint, report_work, weights_fingerprint
-from kdsweep.teacher import teacher_model
+from kdsweep.teacher import rank_device, teacher_model
 from kdsweep.train import accuracy, predict
 
 # Diagnostics cover the first rows of the training split (class-interleaved by prepare) up to
@@ -48,7 +48,8 @@ def build_cache(
     store = p.cache.stores[name]
     model = teacher_model(p, prep)
     load_checkpoint(model, checkpoint)
-    model.eval()
+    device = rank_device(p.teacher.device, rank)
+    model.to(device).eval()
     sampled = store.kind == "sampled"  # read τ only where it means something (DVC tracks it)
     spec = StoreSpec(
         store.kind,
@@ -81,6 +82,7 @@ def build_cache(
         barrier,
         views,
         augment,
+        device,
     )
     if rank == 0:
         report_work("cache", time.perf_counter() - t0)
@@ -141,7 +143,7 @@ def write_summary(
     the report's cache and diagnostics tables show."""
     info = LogitCache(store).info()
     a = info["attributes"]
-    acc = json.loads(metrics.read_text())[teacher]["test_acc"] if metrics.exists() else None
+    scores = json.loads(metrics.read_text())[teacher] if metrics.exists() else {}
     CacheSummary(
         name=name,
         kind=a["kind"],
@@ -151,7 +153,8 @@ def write_summary(
         bytes_on_disk=info["bytes_on_disk"],
         bytes_per_row=info["bytes_per_row"],
         compression_ratio=info["compression_ratio"],
-        teacher_test_acc=acc,
+        teacher_test_acc=scores.get("test_acc"),
+        teacher_test_ppl=scores.get("test_ppl"),
         num_rows=sum(a["splits"].values()),
         views=a["views"],
         **(diagnostics or {}),

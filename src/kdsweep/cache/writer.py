@@ -34,8 +34,10 @@ def write_cache(
     barrier: Callable[[], None] = lambda: None,
     views: dict[str, torch.Tensor] | None = None,
     augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    device: torch.device | str = "cpu",
 ) -> None:
-    """Run `teacher` (inputs -> float32 logits) over every split and store its outputs.
+    """Run `teacher` (inputs on `device` -> float32 logits) over every split and store its
+    outputs.
 
     Augmentation-consistent caching: for a split in `views` (aug parameters [N, V, P]), the
     teacher labels each of the V views `augment(x, aug[:, v])` and the store keeps the outputs
@@ -53,12 +55,13 @@ def write_cache(
     views = views or {}
 
     def outputs(split: str, lo: int, hi: int) -> torch.Tensor:
-        x = inputs[split][lo:hi]
+        x = inputs[split][lo:hi].to(device)
         if split not in views:
-            return teacher(x).float()
+            return teacher(x).float().cpu()
         assert augment is not None, "views need an augment function"
-        aug = views[split][lo:hi]
-        return torch.stack([teacher(augment(x, aug[:, v])).float() for v in range(aug.shape[1])], 1)
+        aug = views[split][lo:hi].to(device)
+        z = [teacher(augment(x, aug[:, v])).float() for v in range(aug.shape[1])]
+        return torch.stack(z, 1).cpu()
 
     with torch.no_grad():  # positions per row: () for a classifier, (L,) a sequence, (V,) views
         row_shapes = {s: list(outputs(s, 0, 1).shape[1:-1]) for s in inputs}
