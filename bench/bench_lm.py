@@ -1,63 +1,72 @@
-"""Language track: cache bytes per token (top-k vs full float16) and student perplexity vs k.
-
-Runs params/lm.yaml through `dvc repro` in a temporary copy of the repository with stores top-k for
-k ∈ {8, 32, 128}, sampled-k for k ∈ {8, 32} and full float16 logits, all from one GPT teacher on
-the pydoc corpus, then trains one KD student per store next to a CE student (α = 1, one seed).
-Prints ratios: bytes per token relative to full float16, perplexity relative to the CE student.
+"""Language track as a user runs it: `cp params/lm.yaml params.yaml && dvc repro`, in a temporary
+copy of the repository. Prints the wall time as a share of the track's 15-minute budget (and
+the CPU time of every process it ran, which other load on a shared machine inflates less), the
+teacher's test perplexity against every student's (the teacher must be clearly better than all
+of them), and per α each KD variant's perplexity against the CE students' (ratio < 1: KD helps),
+with the validation checkpoint each student ended at.
 """
 
 from __future__ import annotations
 
 import json
+import resource
+import statistics
 import subprocess
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import typer
-import yaml
 from common import dvc_env, temp_repo
 
-from kdsweep.config import parse_params
-
 REPO = Path(__file__).resolve().parents[1]
-TOPK, SAMPLED = (8, 32, 128), (8, 32)
+BUDGET_S = 900  # params/lm.yaml must run in 15 minutes on 2 CPU cores
 
 
-def main(n_train: int = 800, steps: int = 300, teacher_epochs: int = 4) -> None:
-    raw = yaml.safe_load((REPO / "params/lm.yaml").read_text())
-    raw["data"].update(n_train=n_train, n_test=200)
-    raw["teacher"]["epochs"] = teacher_epochs
-    raw["student"]["budget"] = {"mode": "steps", "value": steps}
-    raw["subset_seeds"], raw["alphas"] = [0], [1.0]
-    stores = {"full": {"teacher": "main", "kind": "full", "dtype": "float16"}}
-    stores |= {f"top{k}": {"teacher": "main", "kind": "topk", "k": k} for k in TOPK}
-    stores |= {f"sampled{k}": {"teacher": "main", "kind": "sampled", "k": k} for k in SAMPLED}
-    raw["cache"].update(stores=stores, reference="full")
-    raw["methods"] = {"ce": {}} | {
-        f"kd_{name}": {"loss": "kd", "tau": 1, "cache": name} for name in stores
-    }
-    raw["sweep"] = {"methods": list(raw["methods"])}
-    raw["analysis"] = {"baseline": "ce", "reference": "kd_full"}
-    p = parse_params(raw)  # fail here, not after the pipeline, on invalid params
-    work = temp_repo(yaml.safe_dump(raw), prefix="kdsweep-lm-")
+def main(params: Path = REPO / "params/lm.yaml") -> None:
+    work = temp_repo(params.read_text(), prefix="kdsweep-lm-")
+    t0 = time.perf_counter()
     subprocess.run(["dvc", "repro", "-q"], cwd=work, env=dvc_env(), check=True)
-    per_token = {
-        name: json.loads((work / "data/summaries" / f"{name}.json").read_text())["bytes_per_row"]
-        / p.data.seq_len
-        for name in stores
-    }
+    wall = time.perf_counter() - t0
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = usage.ru_utime + usage.ru_stime
+    teacher = json.loads((work / "data/teachers/metrics.json").read_text())
     rows = pq.read_table(work / "data/results/runs.parquet").to_pylist()
-    ppl = {r["method"]: r["test_ppl"] for r in rows}
+    cells: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    for r in rows:
+        cells[r["method"], r["alpha"]].append(r)
+    ce = {
+        a: statistics.mean(r["test_ppl"] for r in rs) for (m, a), rs in cells.items() if m == "ce"
+    }
+    student_s = sum(r["train_seconds"] for r in rows)
+    print(f"dvc repro {params.name}: {wall:.0f} s = {wall / BUDGET_S:.2f} of the 15-minute budget")
     print(
-        f"GPT teacher on pydoc: {n_train} training sequences of {p.data.seq_len} tokens, vocabulary {p.data.vocab_size}"
+        f"  CPU time of all its processes {cpu:.0f} s: at least {cpu / 2:.0f} s of wall time on "
+        f"2 free cores ({cpu / 2 / BUDGET_S:.2f} of the budget; other load inflates wall time)"
     )
-    print(f"{'store':10} {'bytes/token':>11} {'vs full fp16':>12} {'student ppl / CE ppl':>21}")
-    for name in stores:
+    print(
+        f"  teacher training {teacher['train_seconds']:.0f} s ({teacher['steps']} steps), "
+        f"{len(rows)} students {student_s:.0f} s, the rest (prepare, caches, start-up, "
+        f"report) {wall - teacher['train_seconds'] - student_s:.0f} s"
+    )
+    worst = max(r["test_ppl"] for r in rows)
+    best = min(r["test_ppl"] for r in rows)
+    print(
+        f"teacher test perplexity {teacher['main']['test_ppl']:.2f}; students {best:.2f}–{worst:.2f} "
+        f"(best student ÷ teacher {best / teacher['main']['test_ppl']:.2f}x)"
+    )
+    print(f"{'method':14} {'α':>5} {'n':>2} {'test ppl':>9} {'min–max':>17} {'÷ CE':>6} best steps")
+    for (m, a), rs in sorted(cells.items(), key=lambda c: (c[0][1], c[0][0] != "ce", c[0][0])):
+        ppl = [r["test_ppl"] for r in rs]
+        mean = statistics.mean(ppl)
+        ratio = f"{mean / ce[a]:.3f}" if a in ce else "—"
+        steps = ",".join(str(r["best_step"]) for r in rs)
         print(
-            f"{name:10} {per_token[name]:11.1f} {per_token[name] / per_token['full']:11.3f}x "
-            f"{ppl[f'kd_{name}'] / ppl['ce']:20.3f}x"
+            f"{m:14} {a:5g} {len(rs):2} {mean:9.2f} {min(ppl):8.2f}–{max(ppl):8.2f} {ratio:>6} "
+            f"{steps} of {rs[0]['steps']}"
         )
-    print(f"(CE student perplexity {ppl['ce']:.1f}; ratios < 1 mean the KD student is better)")
+    print(f"report: {work / 'reports/report.md'}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ token-prefix α-subsets (kdsweep.data.text), the causal GPT (kdsweep.models.sequ
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from pathlib import Path
@@ -38,10 +39,11 @@ def test_pydoc_corpus_is_nonempty_and_deterministic() -> None:
     assert docs == text._pydoc_documents()
 
 
-def test_stdlib_corpus_is_capped_code() -> None:
+def test_stdlib_corpus_is_every_top_level_module_in_order() -> None:
     docs = text._stdlib_documents()
-    assert 0 < len(docs) <= text.STDLIB_MAX_FILES
-    assert any("def " in d for d in docs)
+    assert len(docs) > 100 and sum(map(len, docs)) > 5 * sum(map(len, text._pydoc_documents()))
+    assert docs == text._stdlib_documents()
+    assert Path(functools.__file__).read_text(encoding="utf-8") in docs
 
 
 def test_textfile_corpus_splits_on_blank_lines(tmp_path: Path) -> None:

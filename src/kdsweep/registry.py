@@ -107,7 +107,7 @@ DATASETS.register(
 )
 for _name, _doc in (
     ("pydoc", "the English help texts CPython ships (pydoc_data): offline"),
-    ("stdlib", "the standard library's own sources: offline"),
+    ("stdlib", "the standard library's top-level modules (~4.7 MB of Python): offline"),
     ("textfile", "one text file (data.path), documents separated by blank lines"),
     ("hf", "a Hugging Face dataset (data.hf_name; needs `datasets` and network)"),
 ):

@@ -25,6 +25,7 @@ class CacheSummary:
     teacher_test_acc: float | None
     num_rows: int
     views: int = 1  # crop/flip views per training row (1: clean inputs only)
+    teacher_test_ppl: float | None = None  # language models: the teacher's test perplexity
     # teacher-target diagnostics (kdsweep.cache.build.teacher_diagnostics), over the first
     # `diagnostic_rows` training rows: accuracy on them clean and on their cached views, and
     # [τ, mean p_T^τ(y), mean entropy / log C] on a grid of τ
