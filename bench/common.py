@@ -34,3 +34,12 @@ def dvc_env(src: Path | None = None) -> dict[str, str]:
     if src is not None:
         env["PYTHONPATH"] = str(src)
     return env
+
+
+def git_commit(work: Path, message: str) -> None:
+    """Commit everything in `work` (a `temp_repo`), as `dvc exp run` needs a baseline commit and
+    queued experiments see only committed files."""
+    for key, value in (("user.email", "bench@example.com"), ("user.name", "bench")):
+        subprocess.run(["git", "config", key, value], cwd=work, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=work, check=True)
+    subprocess.run(["git", "commit", "-qm", message], cwd=work, check=True)
