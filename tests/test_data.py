@@ -168,6 +168,11 @@ def test_validation_carve_is_an_exact_class_balanced_partition(n, classes, fract
     assert len(sizes) == len({m for m, _ in sizes})
 
 
+def test_validation_of_token_sequences_is_one_contiguous_block_at_the_subset_s_end():
+    train, val = carve_validation(torch.arange(100, 150), None, 0.1)
+    assert val.tolist() == list(range(145, 150)) and train.tolist() == list(range(100, 145))
+
+
 def test_validation_carve_refuses_a_subset_too_small_to_validate():
     with pytest.raises(DataError, match="cannot be split .* at student.val_fraction=0.1"):
         carve_validation(torch.arange(4), torch.zeros(4), 0.1)  # round(0.4) = 0 rows

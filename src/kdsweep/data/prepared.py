@@ -55,24 +55,23 @@ def subset_indices(order: torch.Tensor, alpha: float, min_rows: int) -> torch.Te
 
 
 def carve_validation(
-    subset: torch.Tensor, groups: torch.Tensor, fraction: float
+    subset: torch.Tensor, groups: torch.Tensor | None, fraction: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, validation) rows of a subset; selection (τ, checkpoints) reads only the validation
     rows, never the test split.
 
     Exactly round(fraction·m) rows validate, so every subset seed of one α keeps the same number
-    of training rows (students of one α stack). They are the rows of lowest score
-    frac((k + g + 1)·φ), k the row's rank within its group g (its class; one group for token
-    sequences) and φ the golden ratio: a low-discrepancy sequence per class, so each class
-    validates in proportion and the choice barely moves as α grows; every student of one
-    (α, seed) gets the same split, whatever its method. A rule on positions alone (every k-th
-    row) would alias with the interleaved order's class cycle.
+    of training rows (students of one α stack), and every student of one (α, seed) gets the same
+    split, whatever its method.
+    - Classes (`groups`: each row's class): the rows of lowest score frac((k + g + 1)·φ), k the
+      row's rank within its class g and φ the golden ratio — a low-discrepancy sequence per
+      class, so each class validates in proportion and the choice barely moves as α grows. A
+      rule on positions alone (every k-th row) would alias with the interleaved order's class
+      cycle.
+    - Token sequences (`groups` None): the subset's last rows, one contiguous block of the token
+      stream: windows next to training windows would share their documents and flatter the
+      validation perplexity.
     """
-    golden = (1 + 5**0.5) / 2
-    k = torch.empty(len(subset), dtype=torch.float64)
-    for g in groups.unique():
-        rows = groups == g
-        k[rows] = torch.arange(int(rows.sum()), dtype=torch.float64) + float(g)
     n_val = round(fraction * len(subset))
     if not 0 < n_val < len(subset):
         raise DataError(
@@ -80,6 +79,14 @@ def carve_validation(
             f"student.val_fraction={fraction}: raise alpha or data.n_train"
         )
     val = torch.zeros(len(subset), dtype=torch.bool)
+    if groups is None:
+        val[-n_val:] = True
+        return subset[~val], subset[val]
+    golden = (1 + 5**0.5) / 2
+    k = torch.empty(len(subset), dtype=torch.float64)
+    for g in groups.unique():
+        rows = groups == g
+        k[rows] = torch.arange(int(rows.sum()), dtype=torch.float64) + float(g)
     val[torch.argsort(torch.frac((k + 1) * golden), stable=True)[:n_val]] = True
     return subset[~val], subset[val]
 
@@ -133,12 +140,11 @@ class Prepared:
     def split(
         self, alpha: float, seed: int, val_fraction: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The α-subset's (train, validation) row ids (`carve_validation`), stratified by class
-        for a classifier."""
+        """The α-subset's (train, validation) row ids (`carve_validation`): stratified by class
+        for a classifier, a contiguous block of the stream for a language model."""
         idx = self.subset(alpha, seed)
         y = self.splits.y_train
-        groups = y[idx] if y.dim() == 1 else torch.zeros(len(idx), dtype=torch.long)
-        return carve_validation(idx, groups, val_fraction)
+        return carve_validation(idx, y[idx] if y.dim() == 1 else None, val_fraction)
 
 
 def load_prepared(path: Path) -> Prepared:
