@@ -27,7 +27,7 @@ def dvc_stages() -> dict[str, dict]:
 
 
 def script_of(stage: dict) -> Path:
-    return Path(re.match(r"python (stages/\S+\.py)", stage["cmd"]).group(1))
+    return Path(re.match(r"PYTHONPATH=src python (stages/\S+\.py)", stage["cmd"]).group(1))
 
 
 def code_gaps(stage: dict) -> tuple[set[str], set[str]]:

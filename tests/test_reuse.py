@@ -11,6 +11,7 @@ import shutil
 import signal
 import threading
 import time
+from dataclasses import astuple
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,10 @@ import pytest
 from kdsweep.cache.build import build_cache
 from kdsweep.config import Params, parse_params
 from kdsweep.data.prepared import load_prepared
+from kdsweep.errors import KdsweepError
 from kdsweep.students import reuse
 from kdsweep.students.stage import run_student_stage
-from kdsweep.students.train import StageInputs
+from kdsweep.students.train import Stack, StageInputs, train_stack
 
 from .conftest import tiny_raw
 
@@ -173,3 +175,26 @@ def test_a_killed_worker_s_stack_is_retried_and_no_partial_row_is_written(worksp
     assert not run.is_alive()
     assert strip(result["rows"]) == strip(local)
     assert len({r["student_key"] for r in result["rows"]}) == len(local)
+
+
+def test_a_worker_unlike_the_planning_stage_refuses_to_train(workspace):
+    """Keys record the stage's device and threads; a worker on other hardware would write rows
+    under keys that do not describe them."""
+    p = params()
+    gpu = {"device": "cuda", "threads": None}
+    with pytest.raises(KdsweepError, match="planned {'device': 'cuda'"):
+        train_stack(p, inputs(workspace, None), "run", Stack((0,), "sequential"), {0: "k"}, gpu)
+
+
+def test_relative_input_paths_reach_workers_absolute(workspace, monkeypatch):
+    from kdsweep.students import stage as stage_module
+
+    seen, real = [], stage_module.run_stacks
+    monkeypatch.setattr(
+        stage_module, "run_stacks", lambda p, inp, *a: seen.append(inp) or real(p, inp, *a)
+    )
+    rel = StageInputs(
+        Path("data/prepared"), Path("data/teachers/metrics.json"), Path("data/logits/full.zarr")
+    )
+    run_student_stage(params(), rel, workspace / "out")
+    assert seen and all(Path(v).is_absolute() for v in astuple(seen[0]) if v is not None)

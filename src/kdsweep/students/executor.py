@@ -19,7 +19,7 @@ import torch
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from kdsweep.config import Params
-from kdsweep.students.train import Stack, StageInputs, train_stack
+from kdsweep.students.train import Stack, StageInputs, machine, train_stack
 
 Rows = list[dict[str, Any]]
 
@@ -29,9 +29,10 @@ def run_stacks(
 ) -> Rows:
     """Train every stack of the stage run `run` on the configured executor; the rows in
     `stacks` order."""
+    planned = machine(p)
     if p.student.executor == "local":
-        return [row for s in stacks for row in train_stack(p, inputs, run, s, keys)]
-    return _on_dask(p, inputs, run, stacks, keys)
+        return [row for s in stacks for row in train_stack(p, inputs, run, s, keys, planned)]
+    return _on_dask(p, inputs, run, stacks, keys, planned)
 
 
 class _OneDevicePerWorker(WorkerPlugin):
@@ -44,7 +45,12 @@ class _OneDevicePerWorker(WorkerPlugin):
 
 
 def _on_dask(
-    p: Params, inputs: StageInputs, run: str, stacks: list[Stack], keys: dict[int, str]
+    p: Params,
+    inputs: StageInputs,
+    run: str,
+    stacks: list[Stack],
+    keys: dict[int, str],
+    planned: dict[str, Any],
 ) -> Rows:
     from distributed import Client, LocalCluster
 
@@ -52,7 +58,10 @@ def _on_dask(
         return []
     d = p.student.dask
     gpus = torch.cuda.device_count() if p.student.device in ("auto", "cuda") else 0
-    resources = {"GPU": 1} if gpus else None
+    # a LocalCluster of ours has one "GPU" per worker; an existing cluster's workers are the
+    # user's to shape (README: one GPU each), and asking them for a resource they were not
+    # started with would wait forever
+    resources = {"GPU": 1} if gpus and d.address is None else None
     cluster = None
     if d.address is None:
         cluster = LocalCluster(
@@ -63,7 +72,7 @@ def _on_dask(
         )
     try:
         with Client(d.address or cluster) as client:
-            if gpus:
+            if resources:
                 client.register_plugin(_OneDevicePerWorker())
             futures = [
                 client.submit(
@@ -73,6 +82,7 @@ def _on_dask(
                     run,
                     s,
                     {i: keys[i] for i in s.members},
+                    planned,
                     resources=resources,
                     pure=False,
                     key=f"stack-{run}-{n}",

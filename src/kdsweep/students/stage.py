@@ -5,6 +5,7 @@ configured executor (kdsweep.students.executor), and write `runs.json` atomicall
 from __future__ import annotations
 
 import uuid
+from dataclasses import astuple
 from pathlib import Path
 
 from kdsweep.config import Params, ParamsError
@@ -32,6 +33,10 @@ def run_student_stage(p: Params, inputs: StageInputs, out_dir: Path) -> Path:
     if (store is None) != (inputs.logits is None):
         raise ParamsError("a student stage reads a store exactly when it is given one")
     out = Path(out_dir) / "runs.json"
+    # workers of an existing cluster start elsewhere: they get absolute paths
+    inputs = StageInputs(
+        *(Path(v).resolve() if isinstance(v, Path) else v for v in astuple(inputs))
+    )
     run = uuid.uuid4().hex  # this run's inputs are read afresh, by this process and by workers
     jobs = stage_jobs(p, store)
     sd = stage_data(p, inputs, run)

@@ -22,6 +22,7 @@ from kdsweep.cache.format import CacheError
 from kdsweep.cache.reader import LogitCache
 from kdsweep.config import Params, ParamsError, StudentParams, params_hash
 from kdsweep.data.prepared import Prepared, load_prepared
+from kdsweep.errors import KdsweepError
 from kdsweep.io import report_work, tensors_fingerprint
 from kdsweep.losses import student_loss
 from kdsweep.metrics import evaluate
@@ -209,31 +210,49 @@ def plan_stacks(p: Params, sd: StageData, jobs: list[StudentJob]) -> list[Stack]
     ]
 
 
+def machine(p: Params) -> dict[str, Any]:
+    """What about this process changes a student's rounding: its device type and, on a CPU,
+    its thread count."""
+    device = pick_device(p.student.device)
+    return {
+        "device": device.type,
+        "threads": train_threads(p.student) if device.type == "cpu" else None,
+    }
+
+
 def student_keys(
     p: Params, store: str | None, sd: StageData, jobs: list[StudentJob], stacks: list[Stack]
 ) -> list[str]:
     """Each student's content key (`reuse.student_key`), in `jobs` order."""
-    device = pick_device(p.student.device)
     path = {i: s.path for s in stacks for i in s.members}
     keys = []
     for i, job in enumerate(jobs):
         rows = torch.cat(sd.prep.split(job.alpha, job.subset_seed, p.student.val_fraction))
-        placement = {
-            "device": device.type,
-            "threads": train_threads(p.student) if device.type == "cpu" else None,
-            "path": path[i],
-        }
+        placement = {**machine(p), "path": path[i]}
         keys.append(student_key(p, job, store, rows, sd.fingerprints, placement))
     return keys
 
 
 def train_stack(
-    p: Params, inputs: StageInputs, run: str, stack: Stack, keys: dict[int, str]
+    p: Params,
+    inputs: StageInputs,
+    run: str,
+    stack: Stack,
+    keys: dict[int, str],
+    planned: dict[str, Any],
 ) -> list[dict[str, Any]]:
     """Train the students of one stack and return their rows (`RunRecord.row`), each carrying
     its key: what an executor runs, here or on a Dask worker. Nothing is written: a stack whose
-    process dies leaves no partial row."""
+    process dies leaves no partial row. `planned`: the stage's `machine(p)`, which its keys
+    record — a worker unlike it (a GPU worker of a CPU stage) would write rows under keys that
+    do not describe them, so it refuses."""
     torch.set_num_threads(train_threads(p.student))
+    if machine(p) != planned:
+        raise KdsweepError(
+            f"this worker trains on {machine(p)}, but the student stage planned {planned} (and "
+            "keys its rows by it): run the stage on a machine like its Dask workers, or set "
+            "student.device and student.threads explicitly"
+        )
     sd = stage_data(p, inputs, run)
     jobs = stage_jobs(p, inputs.store)
     device = pick_device(p.student.device)
