@@ -171,7 +171,7 @@ def test_each_stage_declares_every_key_it_read_and_module_it_imported(repo: Path
     seen = set()
     for trace in sorted((repo.parent / "trace").glob("*.json")):
         t = json.loads(trace.read_text())
-        name = by_cmd["python " + " ".join(t["argv"])]
+        name = by_cmd["PYTHONPATH=src python " + " ".join(t["argv"])]
         seen.add(name)
         stage = declared[name]
         for key in t["keys"]:
