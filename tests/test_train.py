@@ -140,14 +140,20 @@ def _task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, x[:, 0, :4].argmax(1)
 
 
+def _last_and_best(lr: float, weight_decay: float):
+    """One student trained 40 steps under `last` and its twin under best_val (every 4 steps)."""
+    (x, y), (xv, yv) = _task(64, 0), _task(32, 1)
+    last, best = _student(0), _student(0)
+    fit(last, x, _ce(y), 40, 16, lr, weight_decay, seed=1)
+    select = BestVal(xv[None], yv[None], every=4)
+    fit(best, x, _ce(y), 40, 16, lr, weight_decay, seed=1, select=select)
+    return last, best, select, (xv, yv)
+
+
 def test_best_val_keeps_the_checkpoint_before_a_student_diverges():
     """A learning rate far too high: the validation loss is lowest at the first evaluation and
     then climbs; best_val ends the student there, last at whatever the final step left."""
-    (x, y), (xv, yv) = _task(64, 0), _task(32, 1)
-    last, best = _student(0), _student(0)
-    fit(last, x, _ce(y), 40, 16, 0.3, 0.0, seed=1)
-    select = BestVal(xv[None], yv[None], every=4)
-    fit(best, x, _ce(y), 40, 16, 0.3, 0.0, seed=1, select=select)
+    last, best, select, (xv, yv) = _last_and_best(0.3, 0.0)
     assert int(select.step[0]) == 4
     assert _val_loss(best, xv, yv) == pytest.approx(float(select.loss[0]), rel=1e-12)
     assert _val_loss(best, xv, yv) < 0.5 * _val_loss(last, xv, yv)
@@ -157,11 +163,7 @@ def test_best_val_keeps_the_checkpoint_before_a_student_diverges():
 def test_best_val_evaluation_leaves_training_unchanged():
     """Evaluating draws no random numbers and touches no state: while the validation loss only
     falls, best_val's student is exactly last's."""
-    (x, y), (xv, yv) = _task(64, 0), _task(32, 1)
-    last, best = _student(0), _student(0)
-    fit(last, x, _ce(y), 40, 16, 0.05, 0.1, seed=1)
-    select = BestVal(xv[None], yv[None], every=4)
-    fit(best, x, _ce(y), 40, 16, 0.05, 0.1, seed=1, select=select)
+    last, best, select, _ = _last_and_best(0.05, 0.1)
     assert int(select.step[0]) == 40
     assert torch.equal(_flat(best), _flat(last))
 
