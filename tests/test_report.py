@@ -213,3 +213,14 @@ def test_report_refuses_a_missing_summary(tmp_path: Path) -> None:
     rows = synthetic_rows(methods={"ce", "kd"})
     with pytest.raises(KdsweepError, match=r"top8\.json is missing: run `dvc repro`"):
         _report(tmp_path, rows, summaries, ["full", "top8"])
+
+
+def test_report_marks_a_significant_loss_as_worse_not_as_a_gain(tmp_path: Path) -> None:
+    rows = synthetic_rows(methods={"ce", "kd", "shuffled_dk"})
+    for r in rows:  # KD clearly below CE at α=1, as a too-small student distilled at full data
+        if r["method"] == "kd" and r["alpha"] == 1.0:
+            r["test_acc"] = r["val_acc"] = 0.5 + 0.01 * r["subset_seed"]
+    md, _ = _report(tmp_path, rows)
+    assert re.search(r"^\| 1 \| -[\d.]+% \| \[-[\d.]+%, -[\d.]+%\] \| worse \|", md, re.M)
+    assert re.search(r"^\| 0\.02 \| \+[\d.]+% \| \[\+[\d.]+%, \+[\d.]+%\] \| yes \|", md, re.M)
+    assert "**Premise.** kd's gain over ce is significant at α ∈ {0.02, 0.1}" in md

@@ -223,7 +223,7 @@ def _summarize(runs: Runs, ci: float) -> list[dict[str, Any]]:
 
 def _gain_rows(runs: Runs, ref: str | None, base: str | None, ci: float) -> list[dict[str, Any]]:
     """Per α: the reference's relative gain over the baseline, its t-interval, and whether it is
-    significant (the interval excludes 0)."""
+    a significant gain (the interval lies above 0; a loss is not a gain for a control to explain)."""
     if base is None or ref is None:
         return []
     b_by, r_by = runs.by_alpha(base), runs.by_alpha(ref)
