@@ -5,7 +5,9 @@ In one temporary copy of the repository (the workspace is untouched), side by si
   (a) `dvc repro` from scratch, then `dvc exp run -S methods.kd.tau=<new>`: the experiment's wall
       time ÷ the from-scratch student stages' wall time (the `student@*` and `labels` stages of
       the first repro). Goal ≤ 0.3 on the default params. Prints what remains: which stages ran,
-      how many students each trained and reused, and the aggregate/report time.
+      how many students each trained and reused, and the aggregate/report time. Then the same
+      with `-S student.executor=dask` (another τ, `--dask-tau`): it too trains only kd's
+      students, as long as the baseline's `student.threads` is what the Dask workers use.
   (b) a queue of 4 τ values (`dvc exp run --queue -S methods.kd.tau=<v>` ×4, `dvc queue start
       -j 1`, wait for all) ÷ 4 from-scratch student-stage runs of those params, *estimated* as 4×
       the first repro's student stages (each queued τ changes only kd's students, as in (a)).
@@ -152,7 +154,7 @@ def report_run(title: str, r: Run, base: float | None = None) -> None:
     print(f"  {'(before the 1st stage)':22} {rest:8.1f} {rest / r.wall:6.1%}")
 
 
-def part_a(work: Path, logs: Path, tau: str) -> tuple[Run, Run]:
+def part_a(work: Path, logs: Path, tau: str, dask_tau: str) -> tuple[Run, Run]:
     print(f"\n## (a) one τ changed after a full repro ({load()})")
     first = dvc(work, "repro", log=logs / "a_repro.log")
     report_run("`dvc repro` from scratch", first)
@@ -162,8 +164,35 @@ def part_a(work: Path, logs: Path, tau: str) -> tuple[Run, Run]:
         f"({first.students() / first.wall:.1%} of the repro)"
     )
     git_commit(work, "baseline: dvc repro")
-    exp = dvc(work, "exp", "run", "-S", f"methods.kd.tau={tau}", log=logs / "a_exp.log")
-    report_run(f"`dvc exp run -S methods.kd.tau={tau}`", exp)
+    exp = exp_run(work, logs / "a_exp.log", f"methods.kd.tau={tau}")
+    ratio = exp.wall / first.students()
+    print(
+        f"\n(a) exp run wall ÷ from-scratch student stages = {ratio:.3f} "
+        f"(goal ≤ 0.3: {'met' if ratio <= 0.3 else 'NOT met'}); "
+        f"exp run student stages alone ÷ from-scratch = {exp.students() / first.students():.3f}"
+    )
+    print(f"({load()})")
+    (logs / "a.json").write_text(
+        json.dumps(
+            {"scratch_students": first.students(), "exp": exp.wall, "stages": list(first.stages)}
+        )
+    )
+    if dask_tau:  # the same change through the Dask executor: it reuses the same rows
+        dask = exp_run(
+            work, logs / "a_exp_dask.log", f"methods.kd.tau={dask_tau}", "student.executor=dask"
+        )
+        print(
+            f"\n(a, Dask) exp run wall ÷ from-scratch student stages = "
+            f"{dask.wall / first.students():.3f}"
+        )
+    return first, exp
+
+
+def exp_run(work: Path, log: Path, *changes: str) -> Run:
+    """`dvc exp run -S <changes>` from the baseline commit; prints what it trained and reused,
+    and leaves the workspace at the baseline again."""
+    exp = dvc(work, "exp", "run", *(a for c in changes for a in ("-S", c)), log=log)
+    report_run(f"`dvc exp run {' '.join('-S ' + c for c in changes)}`", exp)
     trained = sum(c[0] for c in exp.counts.values())
     reused = sum(c[1] for c in exp.counts.values())
     stu = exp.students()
@@ -176,24 +205,12 @@ def part_a(work: Path, logs: Path, tau: str) -> tuple[Run, Run]:
         f"{post / exp.wall:.1%}, DVC before the first stage "
         f"{(exp.wall - sum(exp.stages.values())) / exp.wall:.1%}"
     )
-    ratio = exp.wall / first.students()
-    print(
-        f"\n(a) exp run wall ÷ from-scratch student stages = {ratio:.3f} "
-        f"(goal ≤ 0.3: {'met' if ratio <= 0.3 else 'NOT met'}); "
-        f"exp run student stages alone ÷ from-scratch = {stu / first.students():.3f}"
-    )
-    print(f"({load()})")
-    (logs / "a.json").write_text(
-        json.dumps(
-            {"scratch_students": first.students(), "exp": exp.wall, "stages": list(first.stages)}
-        )
-    )
     # back to the baseline: its params, lock and outputs
     subprocess.run(
         ["git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock"], cwd=work, check=True
     )
     subprocess.run(["dvc", "checkout", "-q"], cwd=work, env=env(), check=True)
-    return first, exp
+    return exp
 
 
 def queue_status(work: Path) -> str:
@@ -358,6 +375,7 @@ def main(
     quick: bool = typer.Option(False, help="tiny params: a smoke run of every part"),
     reduced: bool = typer.Option(False, help="1/4 of the student steps, a 3-epoch teacher"),
     tau: str = typer.Option("8", help="(a): the new methods.kd.tau"),
+    dask_tau: str = typer.Option("", help="(a): the same with the Dask executor at this τ"),
     queue_taus: str = typer.Option("2,3,6,12", help="(b): the queued methods.kd.tau values"),
     jobs: int = typer.Option(1, help="(b): dvc queue start -j"),
     stages: str = typer.Option("", help="(c): student stages, comma-separated; default: all"),
@@ -390,7 +408,7 @@ def main(
         kind = " (--quick)" if quick else " (--reduced)" if reduced else ""
         print(f"# bench_sweep of {described}: {params}{kind} in {work}")
         print(f"# logs in {logs}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {load()}")
-        first, _ = part_a(work, logs, tau)
+        first, _ = part_a(work, logs, tau, dask_tau)
         a = json.loads((logs / "a.json").read_text())
         student_stages = [n for n in first.stages if is_student(n)]
     if "c" in parts:  # before (b): its queue workers may linger a while after the last experiment

@@ -35,6 +35,7 @@ def e2e_params() -> dict:
     raw["cache"]["stores"] = {k: raw["cache"]["stores"][k] for k in ("full", "top3")}
     raw["methods"] = {k: raw["methods"][k] for k in ("ce", "kd", "ls_matched", "kd_top3")}
     raw["methods"]["kd"]["tau"] = 4
+    raw["student"]["executor"] = "local"  # present, as in params.yaml, for `-S` to override
     raw["sweep"] = {
         "methods": ["ce", "kd", "ls_matched"],
         "ablation_alphas": [0.05],
@@ -277,12 +278,19 @@ def test_changing_one_method_reruns_students_but_no_teacher_or_cache(repo: Path)
     assert set(restored) <= {"aggregate", "report"} and changed_stages(repo) == []
 
 
-def test_dvc_exp_run_with_a_param_and_exp_show(repo: Path) -> None:
-    log = run(repo, "dvc", "exp", "run", "-S", "methods.kd.tau=1")
+@pytest.mark.parametrize("executor", ["local", "dask"])
+def test_dvc_exp_run_with_a_param_and_exp_show(repo: Path, executor: str) -> None:
+    """Through either executor the experiment trains kd's students only: the baseline's rows
+    were trained at one thread (OMP_NUM_THREADS=1), as a Dask worker trains, so their keys hold."""
+    log = run(
+        repo, "dvc", "exp", "run", "-S", "methods.kd.tau=1", "-S", f"student.executor={executor}"
+    )
     try:
         counts = trained_reused(log)
-        assert counts["full"][0] > 0 and counts["full"][1] > 0  # kd trained, ls_matched reused
+        n_kd = len(e2e_params()["alphas"]) * len(e2e_params()["subset_seeds"])
+        assert counts["full"] == (n_kd, counts["full"][1]) and counts["full"][1] > 0
         assert counts["labels"][0] == counts["top3"][0] == 0
+        assert f"(executor: {executor})" in log
         shown = run(repo, "dvc", "exp", "show", "--json")
         text = json.dumps(json.loads(shown[shown.index("[") :]))
         assert "metrics.json" in text and '"tau": 1' in text
