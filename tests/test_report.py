@@ -133,7 +133,10 @@ def test_full_report(tmp_path: Path) -> None:
         assert f"*Conclusion*: the hypothesis is **{h[name]['verdict']}**" in md
     assert "the hypothesis is **refuted** — refuted at every α tested" in md  # ls
     assert "the hypothesis is **supported** — supported at every α tested" in md  # ls_matched
-    assert "the largest part of kd's gain goes missing at α=0.02" in md and "the smallest α tested, as" in md
+    assert (
+        "the largest part of kd's gain goes missing at α=0.02" in md
+        and "the smallest α tested, as" in md
+    )
     assert re.search(r"^\| top1_teacher \| 0\.02 \|.*\| falls short \|$", md, re.M)  # other
     # one row per store, every field of its summary
     assert "| full | full | — | float16 | main | 1,234,567 | 20 | 1.5x | 0.97 | 50,000 |" in md
