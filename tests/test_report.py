@@ -84,7 +84,11 @@ def test_full_report(tmp_path: Path) -> None:
         "control_shares.png",
         "temperature_sweep.png",
         "cache_ablation.png",
+        "validation_curves.png",
     }
+    # the budget is stated per α, with the curves that show it
+    assert "ends at its last step (`budget.select: last`)" in md
+    assert re.search(r"^\| 0\.02 \| 10 \| 1 \|$", md, re.M)
     for heading in (
         "## Results: test accuracy",
         "## Relative gain of kd over ce",
@@ -95,6 +99,7 @@ def test_full_report(tmp_path: Path) -> None:
         "### 3. Class relationships (dark knowledge)",
         "### Other controls",
         "## Fidelity and calibration",
+        "## Training budget",
         "## Logit caches",
     ):
         assert heading in md
@@ -153,7 +158,12 @@ def test_full_report(tmp_path: Path) -> None:
 def test_minimal_report_with_only_ce_and_kd(tmp_path: Path) -> None:
     md, out = _report(tmp_path, synthetic_rows(methods={"ce", "kd"}), tmp_path / "absent", [])
     names = {p.name for p in _figures(md, out)}
-    assert names == {"score_vs_alpha.png", "relative_gain.png", "multiplier.png"}
+    assert names == {
+        "score_vs_alpha.png",
+        "relative_gain.png",
+        "multiplier.png",
+        "validation_curves.png",
+    }
     assert "Not tested" in md and "### Hypothesis:" not in md and "## Logit caches" not in md
     assert not (out / "figures" / "temperature_sweep.png").exists()
     assert "## Relative gain of kd over ce" in md

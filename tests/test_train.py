@@ -168,6 +168,21 @@ def test_best_val_evaluation_leaves_training_unchanged():
     assert torch.equal(_flat(best), _flat(last))
 
 
+def test_the_validation_curve_is_recorded_without_selection():
+    """Under `select: last` (keep_best off) the curve is the one best_val sees, every 4 steps
+    and the last, and the student ends at its last step, exactly as without validation."""
+    last, _, select, (xv, yv) = _last_and_best(0.3, 0.0)
+    (x, y) = _task(64, 0)
+    plain = _student(0)
+    watch = BestVal(xv[None], yv[None], every=4, keep_best=False)
+    fit(plain, x, _ce(y), 40, 16, 0.3, 0.0, seed=1, select=watch)
+    assert torch.equal(_flat(plain), _flat(last))
+    steps, losses = watch.curve_of(0)
+    assert steps == list(range(4, 41, 4)) and select.curve_of(0) == (steps, losses)
+    assert losses[-1] == pytest.approx(_val_loss(plain, xv, yv), rel=1e-12)
+    assert min(losses) < 0.5 * losses[-1] and int(watch.step[0]) == 0
+
+
 def test_best_val_ends_a_student_whose_loss_turns_non_finite_at_its_checkpoint():
     x, y = _data()
     calls = 0

@@ -48,6 +48,8 @@ class RunRecord:
     epochs: float
     steps: int
     best_step: int | None  # the chosen checkpoint's step under budget.select best_val
+    val_curve_steps: list[int]  # the validation curve: every budget.eval_every steps and the last
+    val_curve: list[float]  # mean validation cross-entropy at each of those steps
     n_val: int  # validation rows carved from the subset (selection reads val_*, never test_*)
     val_acc: float
     val_ppl: float | None
@@ -69,7 +71,10 @@ class RunRecord:
 
 
 def _arrow_type(hint: Any) -> pa.DataType:
-    """str -> string, int -> int64, float -> float64; `X | None` is X, nullable."""
+    """str -> string, int -> int64, float -> float64, list[X] -> list of X; `X | None` is X,
+    nullable."""
+    if typing.get_origin(hint) is list:
+        return pa.list_(_arrow_type(typing.get_args(hint)[0]))
     base = (
         [a for a in typing.get_args(hint) if a is not type(None)]
         if isinstance(hint, types.UnionType)

@@ -88,24 +88,36 @@ class AdamW:
 
 
 class BestVal:
-    """Best-validation checkpoint selection (`student.budget.select: best_val`) for K students
-    trained together (K = 1 under `fit`): after every `every` steps and after the last, each
-    student's mean cross-entropy on its own validation rows (log-perplexity for a language
-    model); each keeps a copy of its state at its lowest and gets it back when training ends. A
-    fixed budget lets a small subset overfit far past its best (perplexity ~20,000 at α = 0.05
-    on the language track); selection reads validation rows only, never test.
+    """The validation curve, and best-validation checkpoint selection (`student.budget.select:
+    best_val`), of K students trained together (K = 1 under `fit`): after every `every` steps
+    and after the last, each student's mean cross-entropy on its own validation rows
+    (log-perplexity for a language model) joins its curve (`curve_of`, the report's evidence
+    that the budget is long enough). With `keep_best` each keeps a copy of its state at its
+    lowest and gets it back when training ends: a fixed budget lets a small subset overfit far
+    past its best (perplexity ~20,000 at α = 0.05 on the language track). Validation rows only,
+    never test.
 
     x, y: [K, n_val, ...] each student's validation inputs and labels. After training, `step`
-    holds each student's chosen step (0: it never reached a finite validation loss).
+    holds each student's chosen step (0: none kept — `keep_best` off, or no finite loss).
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, every: int, batch_size: int = 256):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        every: int,
+        batch_size: int = 256,
+        keep_best: bool = True,
+    ):
         if every <= 0:
             raise ValueError(f"eval_every must be positive, got {every}")
         self.x, self.y, self.every, self.batch_size = x, y, every, batch_size
+        self.keep_best = keep_best
         self.loss = torch.full((len(x),), math.inf, dtype=torch.float64)
         self.step = torch.zeros(len(x), dtype=torch.long)
         self.state: list[torch.Tensor] = []
+        self.steps: list[int] = []  # the curve: steps evaluated, and each one's losses [K]
+        self.losses: list[torch.Tensor] = []
 
     def due(self, done: int, steps: int) -> bool:
         """Whether to evaluate after `done` of `steps` steps."""
@@ -124,8 +136,13 @@ class BestVal:
 
     @torch.no_grad()
     def update(self, done: int, losses: torch.Tensor, state: list[torch.Tensor]) -> None:
-        """Keep a copy of `state` (tensors [K, ...]) for the students whose `losses` [K] are
-        their lowest so far (NaN never is)."""
+        """Add `losses` [K] after `done` steps to the curve; with `keep_best`, keep a copy of
+        `state` (tensors [K, ...]) for the students whose losses are their lowest so far (NaN
+        never is)."""
+        self.steps.append(done)
+        self.losses.append(losses.double().cpu())
+        if not self.keep_best:
+            return
         better = losses < self.loss
         self.loss = torch.where(better, losses, self.loss)
         self.step = torch.where(better, done, self.step)
@@ -137,12 +154,18 @@ class BestVal:
     @torch.no_grad()
     def restore(self, state: list[torch.Tensor]) -> None:
         """Write each student's best copy back into `state` (a student without one keeps its own)."""
+        if not self.state:
+            return
         has = self.step > 0
         for keep, s in zip(self.state, state, strict=True):
             s.copy_(torch.where(_rows(has, s), keep, s))
 
     def checkpointed(self, k: int) -> bool:
         return bool(self.step[k] > 0)
+
+    def curve_of(self, k: int) -> tuple[list[int], list[float]]:
+        """Student k's validation curve: (steps, mean validation cross-entropy at each)."""
+        return list(self.steps), [float(v[k]) for v in self.losses]
 
 
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

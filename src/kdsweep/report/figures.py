@@ -39,7 +39,24 @@ def draw_figures(an: Analysis, caches: Sequence[CacheSummary], fig_dir: Path) ->
         figures["tau"] = _plot_temperature(an, fig_dir / "temperature_sweep.png")
     if any(r["cache_kind"] in ABLATION_KINDS for r in an.summary):
         figures["cache"] = _plot_cache(an, caches, fig_dir / "cache_ablation.png")
+    if validation_curves(an):
+        figures["curves"] = _plot_curves(an, fig_dir / "validation_curves.png")
     return figures
+
+
+def validation_curves(an: Analysis) -> dict[float, dict[str, tuple[list[int], np.ndarray]]]:
+    """Per α, the mean validation curve over seeds of the main-methods panel's variants (the
+    baseline and the reference first): (steps, mean validation cross-entropy). Seeds whose
+    curves were evaluated at other steps than the variant's first seed are left out."""
+    variants = score_panels(an).get("main methods", [])
+    out: dict[float, dict[str, tuple[list[int], np.ndarray]]] = {}
+    for v in variants:
+        for alpha, rows in sorted(an.runs.by_alpha(v).items()):
+            steps = rows[0]["val_curve_steps"] or []
+            same = [r["val_curve"] for r in rows if r["val_curve_steps"] == steps]
+            if steps and same:
+                out.setdefault(alpha, {})[v] = (steps, np.mean(same, axis=0))
+    return out
 
 
 def _temperature_families(summary: Sequence[Row]) -> dict[tuple[Any, ...], dict[float, list[Row]]]:
@@ -132,6 +149,27 @@ def _plot_scores(an: Analysis, path: Path) -> Path:
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle(f"{score_label(an)} vs α ({an.settings.ci:.0%} t-intervals over seeds)")
+    return _save(fig, path)
+
+
+def _plot_curves(an: Analysis, path: Path) -> Path:
+    """Validation cross-entropy vs step, one panel per α: whether the budget is long enough
+    (still falling at the end: more steps would help) or too long (rising: overfitting, which
+    `budget.select: best_val` undoes)."""
+    curves = validation_curves(an)
+    fig = Figure(figsize=(3.6 * len(curves), 3.4))
+    axes = fig.subplots(1, len(curves), squeeze=False).ravel()
+    anchors = {an.baseline: "grey", an.reference: "k"}
+    for ax, (alpha, by_variant) in zip(axes, curves.items(), strict=True):
+        for i, (v, (steps, loss)) in enumerate(by_variant.items()):
+            ax.plot(steps, loss, color=anchors.get(v) or f"C{i}", lw=1.6, label=v)
+        ax.set_title(f"α = {alpha:g}")
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("validation cross-entropy")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("validation curves (mean over seeds)")
     return _save(fig, path)
 
 

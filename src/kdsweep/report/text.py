@@ -82,7 +82,26 @@ def _context(
         "significant_alphas": [g["alpha"] for g in an.gains if g["significant"]],
         "fidelity_columns": [c for c in FIDELITY if any(r[c] is not None for r in an.summary)],
         "fidelity_rows": sorted(an.summary, key=lambda r: (rank[r["variant"]], r["alpha"])),
+        "budget_selects": any(r["best_step"] is not None for r in rows),
+        "budget": _budget(rows),
     }
+
+
+def _budget(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per α: the students' step counts, their mean epochs, and the range of chosen steps."""
+    out = []
+    for alpha in sorted({r["alpha"] for r in rows}):
+        at = [r for r in rows if r["alpha"] == alpha]
+        chosen = [r["best_step"] for r in at if r["best_step"] is not None]
+        out.append(
+            {
+                "alpha": alpha,
+                "steps": sorted({r["steps"] for r in at}),
+                "epochs": sum(r["epochs"] for r in at) / len(at),
+                "chosen": f"{min(chosen)}–{max(chosen)}" if chosen else "—",
+            }
+        )
+    return out
 
 
 def markdown(an: Analysis, caches: Sequence[CacheSummary], figures: Mapping[str, str]) -> str:

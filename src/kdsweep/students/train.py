@@ -35,8 +35,9 @@ from kdsweep.students.stack import fit_stacked, stack_subsets, stacked_student_l
 from kdsweep.targets import NO_TARGETS, TeacherTargets, ViewBatches
 from kdsweep.train import BestVal, fit, num_steps, pick_device, predict
 
-# (model on the CPU, seconds, negative-KL fraction, chosen step under best_val else None)
-Trained = tuple[torch.nn.Module, float, float, int | None]
+# (model on the CPU, seconds, negative-KL fraction, chosen step under best_val else None,
+# validation curve: steps and mean validation cross-entropy)
+Trained = tuple[torch.nn.Module, float, float, int | None, tuple[list[int], list[float]]]
 Rows = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels) of a student's validation rows
 
 
@@ -332,7 +333,7 @@ def _fit_stack(
             "lam": torch.tensor([jobs[i].m.lam for i in group], dtype=torch.float64),
             "tau": torch.tensor([jobs[i].tau for i in group], dtype=torch.float64),
         }
-        select = _best_val(st, [val(jobs[i]) for i in group], device)
+        select = _validation(st, [val(jobs[i]) for i in group], device)
         res = fit_stacked(
             lambda seed: _student_model(p, num_classes, sample, seed),
             [jobs[i].seed for i in group],
@@ -349,22 +350,21 @@ def _fit_stack(
         )
         share = res.seconds / len(group)
         out += [
-            (mod.cpu(), share, neg, _best_step(select, i))
+            (mod.cpu(), share, neg, _best_step(select, i), select.curve_of(i))
             for i, (mod, neg) in enumerate(zip(res.models, res.neg_frac, strict=True))
         ]
     return out
 
 
-def _best_val(st: StudentParams, rows: list[Rows], device: torch.device) -> BestVal | None:
-    """The validation rows of K students as `train.BestVal` (None under `select: last`)."""
-    if st.budget.select == "last":
-        return None
+def _validation(st: StudentParams, rows: list[Rows], device: torch.device) -> BestVal:
+    """The validation rows of K students as `train.BestVal`: their curves always, their best
+    checkpoints under `select: best_val`."""
     xs, ys = (torch.stack(t).to(device) for t in zip(*rows, strict=True))
-    return BestVal(xs, ys, st.budget.eval_every)
+    return BestVal(xs, ys, st.budget.eval_every, keep_best=st.budget.select == "best_val")
 
 
-def _best_step(select: BestVal | None, k: int) -> int | None:
-    return int(select.step[k]) if select is not None else None
+def _best_step(select: BestVal, k: int) -> int | None:
+    return int(select.step[k]) if select.keep_best else None
 
 
 def train_one(
@@ -383,7 +383,7 @@ def train_one(
     steps = student_steps(st, len(y))
     neg = torch.zeros((), device=device)
     terms = 0
-    select = _best_val(st, [val], device)
+    select = _validation(st, [val], device)
 
     def loss_fn(z: torch.Tensor, ctx: tuple[torch.Tensor, TeacherTargets]) -> torch.Tensor:
         nonlocal neg, terms
@@ -406,7 +406,13 @@ def train_one(
         batch=ViewBatches(x, y, t, job.seed),
         select=select,
     )
-    return model.cpu(), seconds, float(neg) / max(terms, 1), _best_step(select, 0)
+    return (
+        model.cpu(),
+        seconds,
+        float(neg) / max(terms, 1),
+        _best_step(select, 0),
+        select.curve_of(0),
+    )
 
 
 def run_record(
@@ -416,6 +422,7 @@ def run_record(
     seconds: float,
     neg_frac: float,
     best_step: int | None,
+    curve: tuple[list[int], list[float]],
     path: str,
     prep: Prepared,
     ref_test: tuple[torch.Tensor, torch.Tensor | None],
@@ -457,6 +464,8 @@ def run_record(
         epochs=steps * min(st.batch_size, n_train) / n_train,
         steps=steps,
         best_step=best_step,
+        val_curve_steps=curve[0],
+        val_curve=curve[1],
         n_val=len(val_idx),
         val_acc=val["test_acc"],
         val_ppl=val["test_ppl"] if p.data.task == "lm" else None,
