@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import typer
-from common import dvc_env, temp_repo
+from common import REPO, dvc_env, temp_repo
 
-REPO = Path(__file__).resolve().parents[1]
 BUDGET_S = 900  # params/lm.yaml must run in 15 minutes on 2 CPU cores
 
 

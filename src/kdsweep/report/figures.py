@@ -39,8 +39,8 @@ def draw_figures(an: Analysis, caches: Sequence[CacheSummary], fig_dir: Path) ->
         figures["tau"] = _plot_temperature(an, fig_dir / "temperature_sweep.png")
     if any(r["cache_kind"] in ABLATION_KINDS for r in an.summary):
         figures["cache"] = _plot_cache(an, caches, fig_dir / "cache_ablation.png")
-    if validation_curves(an):
-        figures["curves"] = _plot_curves(an, fig_dir / "validation_curves.png")
+    if curves := validation_curves(an):
+        figures["curves"] = _plot_curves(an, curves, fig_dir / "validation_curves.png")
     return figures
 
 
@@ -152,11 +152,12 @@ def _plot_scores(an: Analysis, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _plot_curves(an: Analysis, path: Path) -> Path:
-    """Validation cross-entropy vs step, one panel per α: whether the budget is long enough
-    (still falling at the end: more steps would help) or too long (rising: overfitting, which
-    `budget.select: best_val` undoes)."""
-    curves = validation_curves(an)
+def _plot_curves(
+    an: Analysis, curves: dict[float, dict[str, tuple[list[int], np.ndarray]]], path: Path
+) -> Path:
+    """`validation_curves`: cross-entropy vs step, one panel per α — whether the budget is long
+    enough (still falling at the end: more steps would help) or too long (rising: overfitting,
+    which `budget.select: best_val` undoes)."""
     fig = Figure(figsize=(3.6 * len(curves), 3.4))
     axes = fig.subplots(1, len(curves), squeeze=False).ravel()
     anchors = {an.baseline: "grey", an.reference: "k"}

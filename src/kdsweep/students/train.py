@@ -226,10 +226,11 @@ def student_keys(
 ) -> list[str]:
     """Each student's content key (`reuse.student_key`), in `jobs` order."""
     path = {i: s.path for s in stacks for i in s.members}
+    here = machine(p)
     keys = []
     for i, job in enumerate(jobs):
         rows = torch.cat(sd.prep.split(job.alpha, job.subset_seed, p.student.val_fraction))
-        placement = {**machine(p), "path": path[i]}
+        placement = {**here, "path": path[i]}
         keys.append(student_key(p, job, store, rows, sd.fingerprints, placement))
     return keys
 
