@@ -19,10 +19,14 @@ def main(
     out: Path = typer.Option(..., help="directory for runs.json"),
     store: str | None = typer.Option(None, help="the store the students read; none: labels only"),
     logits: Path | None = typer.Option(None, help="that store's Zarr path"),
+    checkpoint: Path | None = typer.Option(
+        None, help="that store's teacher weights (an online store runs them on every batch)"
+    ),
 ) -> None:
     with explained_errors():
         p = load_params()
-        run_student_stage(p, StageInputs(prepared, teachers, reference, store, logits), out)
+        inputs = StageInputs(prepared, teachers, reference, store, logits, checkpoint)
+        run_student_stage(p, inputs, out)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ TINY: dict = {
         "codec": {"name": "blosc", "cname": "zstd", "clevel": 5, "shuffle": "shuffle"},
         "chunk_rows": 128,
         "batch_size": 50,
-        "views": 1,
         "aug_seed": 0,
         "reference": "full",
         "stores": {
@@ -102,6 +101,7 @@ def student_stage(p: Params, root: Path, store: str | None) -> Path:
         data / "logits" / f"{p.cache.reference}.zarr",
         store,
         data / "logits" / f"{store}.zarr" if store else None,
+        data / "teachers" / f"{p.cache.stores[store].teacher}.safetensors" if store else None,
     )
     return run_student_stage(p, inputs, data / "students" / (store or "labels"))
 

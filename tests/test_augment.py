@@ -6,7 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdsweep.augment import apply_aug, draw_aug
+from kdsweep.augment import (
+    CROP_FLIP,
+    SHIFT_SCALE_NOISE,
+    apply_aug,
+    draw_aug,
+    family_for,
+    fresh_views,
+    gaussian_noise,
+)
+from kdsweep.errors import KdsweepError
 from kdsweep.targets import NO_TARGETS, TeacherTargets, ViewBatches
 
 
@@ -95,3 +104,54 @@ def test_view_batches_without_views_are_plain_rows():
     assert rows.kind == "topk" and torch.equal(rows.tensors["values"], t.tensors["values"][idx])
     inputs, (labels, rows) = ViewBatches(x, y, NO_TARGETS, seed=0)(idx)
     assert torch.equal(inputs, x[idx]) and rows.tensors == {} and rows.kind is None
+
+
+def test_shift_scale_noise_replays_exactly_and_stays_in_its_family():
+    """MNIST-1D's family: parameters drawn from a seed replay the same views bit for bit, in any
+    row order; each view is the signal rolled, scaled and noised as its parameters say."""
+    family = SHIFT_SCALE_NOISE
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 1, 40, generator=g)
+    aug = family.draw(16, 4, seed=3)
+    assert aug.shape == (16, 4, 3) and torch.equal(aug, family.draw(16, 4, seed=3))
+    assert aug[..., 0].abs().max() <= family.max_shift and aug[..., 0].unique().numel() > 3
+    views = torch.stack([family.apply(x, aug[:, v]) for v in range(4)], 1)
+    perm = torch.randperm(16, generator=g)
+    assert torch.equal(family.apply(x[perm], aug[perm, 1]), views[perm, 1])
+    # the noise is what is left after undoing the roll and the scale: ~N(0, noise²)
+    shift, scale = aug[:, 0, 0], 1 + aug[:, 0, 1].float() / 1000
+    rolled = torch.stack([torch.roll(x[i], int(shift[i]), -1) for i in range(16)])
+    noise = (views[:, 0] - rolled * scale[:, None, None]) / family.noise
+    assert abs(noise.mean()) < 0.1 and abs(noise.std() - 1) < 0.1
+    # no noise, no scale, no shift: the signal itself
+    ident = torch.zeros(16, 3, dtype=torch.int64)
+    assert torch.allclose(
+        family.apply(x, ident), x + family.noise * gaussian_noise(ident[:, 2], (1, 40))
+    )
+    with pytest.raises(ValueError, match="outside"):
+        family.apply(x, torch.tensor([[family.max_shift + 1, 0, 0]]).expand(16, 3))
+
+
+def test_gaussian_noise_is_a_pure_function_of_its_seed():
+    seeds = torch.tensor([0, 1, 0, 32767])
+    z = gaussian_noise(seeds, (2, 40))
+    assert torch.equal(z[0], z[2]) and not torch.equal(z[0], z[1])
+    big = gaussian_noise(torch.arange(4000), (1, 40))
+    assert abs(big.mean()) < 0.01 and abs(big.std() - 1) < 0.01
+    corr = torch.corrcoef(torch.stack([big[:-1].flatten(), big[1:].flatten()]))[0, 1]
+    assert abs(corr) < 0.02  # neighbouring seeds give unrelated noise
+
+
+@pytest.mark.parametrize(
+    ("shape", "family"), [((3, 8, 8), CROP_FLIP), ((1, 40), SHIFT_SCALE_NOISE)]
+)
+def test_family_is_chosen_by_input_rank_and_fresh_views_change_every_call(shape, family):
+    x = torch.randn(5, *shape)
+    assert family_for(x) is family
+    gen = torch.Generator().manual_seed(0)
+    a, b = fresh_views(x, gen), fresh_views(x, gen)
+    assert a.shape == x.shape and not torch.equal(a, b)
+    again = fresh_views(x, torch.Generator().manual_seed(0))
+    assert torch.equal(again, a)
+    with pytest.raises(KdsweepError, match="no augmentation family"):
+        family_for(torch.zeros(5, 7, dtype=torch.long))  # token rows

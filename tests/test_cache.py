@@ -196,11 +196,32 @@ def decode_as(dtype: str, arrays: dict) -> TeacherTargets:
 def test_sampled_round_trip_draws_from_teacher(tmp_path):
     cache = build(tmp_path / "c.zarr", StoreSpec(kind="sampled", k=5, chunk_rows=64))
     t = cache.read("train").tensors
-    assert torch.allclose(t["weights"].sum(1), torch.ones(300))
+    assert t["weights"].shape == t["indices"].shape == (300, 1, 5)  # one draw set per row
+    assert torch.allclose(t["weights"].sum(-1), torch.ones(300, 1))
     assert (t["weights"] >= 0).all() and t["indices"].max() < C
     # the most drawn class agrees with the teacher's argmax far more often than chance
-    assert (t["indices"][:, 0] == teacher(inputs()["train"]).argmax(1)).float().mean() > 0.5
+    assert (t["indices"][:, 0, 0] == teacher(inputs()["train"]).argmax(1)).float().mean() > 0.5
     assert cache.attrs["sample_tau"] == 1.0 and cache.attrs["sample_seed"] == 0
+    assert cache.attrs["draws"] == 1
+
+
+def test_sampled_store_holds_independent_draw_sets(tmp_path):
+    """draws: R keeps R independent draw sets per row, each an unbiased sample of p_T^τ: their
+    pooled weights converge on p_T^τ (one fixed set would not), and they differ from each other."""
+    spec = StoreSpec(kind="sampled", k=4, chunk_rows=64, sample_tau=4.0, draws=32)
+    cache = build(tmp_path / "c.zarr", spec)
+    t = cache.read("train").tensors
+    assert t["indices"].shape == (300, 32, 4) and cache.attrs["draws"] == 32
+    p = torch.softmax(teacher(inputs()["train"]).double() / 4.0, -1)
+    pooled = torch.zeros(300, 32, C, dtype=torch.float64)
+    pooled.scatter_add_(-1, t["indices"], t["weights"].double())
+    assert (pooled[:, 0] != pooled[:, 1]).any(-1).float().mean() > 0.5  # not one set repeated
+    one_set = (pooled[:, 0] - p).abs().sum(-1).mean()
+    all_sets = (pooled.mean(1) - p).abs().sum(-1).mean()
+    assert all_sets < one_set / 3  # 32 sets: ~1/sqrt(32) of one set's error
+    assert cache.info()["train_bytes_per_row"] > 8 * build(
+        tmp_path / "one.zarr", StoreSpec(kind="sampled", k=4, chunk_rows=64, sample_tau=4.0)
+    ).info()["train_bytes_per_row"]  # bytes grow with R
 
 
 def test_sampled_store_draws_at_its_own_tau(tmp_path):
@@ -213,7 +234,7 @@ def test_sampled_store_draws_at_its_own_tau(tmp_path):
     assert caches[8.0].attrs["sample_tau"] == 8.0
     logits = teacher(inputs()["train"]).double()
     for tau, cache in caches.items():
-        t = cache.read("train").tensors
+        t = {name: v[:, 0] for name, v in cache.read("train").tensors.items()}  # its one set
         p = torch.softmax(logits / tau, -1)
         w = torch.zeros_like(p).scatter_add_(1, t["indices"], t["weights"].double())
         top = logits.argmax(1, keepdim=True)
@@ -271,11 +292,12 @@ def test_incomplete_store_is_refused(tmp_path):
         LogitCache(tmp_path / "c.zarr")
 
 
-@pytest.mark.parametrize("version", [0, 2])
+@pytest.mark.parametrize("version", [0, 2, 3])
 def test_older_format_version_is_refused(tmp_path, version):
     """Version 2 stores held a top-k log-sum-exp over all classes (a tail recovered by
-    cancellation) and sampled draws at τ = 1 only: refused, with the command that rebuilds."""
-    assert FORMAT_VERSION == 3
+    cancellation) and sampled draws at τ = 1 only, version 3 one fixed draw set per row:
+    refused, with the command that rebuilds."""
+    assert FORMAT_VERSION == 4
     build(tmp_path / "c.zarr", StoreSpec(chunk_rows=64))
     _set_attr(tmp_path / "c.zarr", "format_version", version)
     with pytest.raises(CacheError, match="format_version") as err:

@@ -214,7 +214,7 @@ def test_code_edit_marks_exactly_the_stages_that_run_it(repo: Path, rel: str, ex
             2,
             ["aggregate", "cache@top3", "report", "student@top3"],
         ),
-        (("cache", "views"), 2, ["cache@full", "cache@top3"]),
+        (("cache", "aug_seed"), 1, ["cache@full", "cache@top3"]),
         (("cache", "reference"), "top3", ["labels", "student@full", "student@top3"]),
         (("analysis", "n_boot"), 50, ["aggregate", "report"]),
     ],

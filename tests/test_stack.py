@@ -50,6 +50,8 @@ def _factory(arch: str, width: int):
         ("cnn1d", 8, "kd", "full", False),
         ("mlp", 16, "ce", None, True),
         ("mlp", 16, "kd", "full", True),
+        ("mlp", 16, "kd", "sampled", False),  # R draw sets: one picked per row and step
+        ("mlp", 16, "kd", "online", False),  # the teacher run on every step's inputs
     ],
 )
 def test_stacked_equals_sequential_fit(
@@ -58,8 +60,21 @@ def test_stacked_equals_sequential_fit(
     """Also under best_val selection, where each student of the stack keeps its own best step
     (validation rows of random labels and a high learning rate: they overfit early)."""
     xs, targets = _data()
-    if kind is None:
+    teacher, drawn = None, ()
+    if kind is None or kind == "online":
         targets = {"y": targets["y"]}
+    if kind == "online":
+        torch.manual_seed(99)
+        teacher = build_model("mlp", (1, 40), 10, 32).double().eval()
+    if kind == "sampled":
+        g = torch.Generator().manual_seed(5)
+        indices = torch.randint(0, 10, (3, N, 5, 4), generator=g)  # R = 5 sets of k = 4 draws
+        targets = {
+            "y": targets["y"],
+            "indices": indices,
+            "weights": torch.full(indices.shape, 0.25, dtype=F64),
+        }
+        drawn = ("indices", "weights")
     lam, taus = [0.9, 0.5, 1.0], [1.0, 2.0, 4.0]
     hyper = {"lam": torch.tensor(lam, dtype=F64), "tau": torch.tensor(taus, dtype=F64)}
     fn = stacked_student_loss(loss, kind, 0.0)
@@ -67,18 +82,32 @@ def test_stacked_equals_sequential_fit(
     select = BestVal(xv, yv, every=2) if best_val else None
     lr = 0.1 if best_val else 0.01
     out = fit_stacked(
-        _factory(arch, width), SEEDS, xs, targets, fn, hyper, STEPS, BS, lr, 0.1, select=select
+        _factory(arch, width),
+        SEEDS,
+        xs,
+        targets,
+        fn,
+        hyper,
+        STEPS,
+        BS,
+        lr,
+        0.1,
+        select=select,
+        teacher=teacher,
+        drawn=drawn,
     )
     for k, seed in enumerate(SEEDS):
         torch.manual_seed(seed)  # as students.train.train_one initialises a student
         model = _factory(arch, width)(seed)
-        rows = TeacherTargets(kind, {"logits": targets["logits"][k]}) if kind else NO_TARGETS
+        mine = {name: t[k] for name, t in targets.items() if name != "y"}
+        rows = TeacherTargets(kind, mine) if kind else NO_TARGETS
 
         def loss_fn(z: torch.Tensor, ctx: tuple, k=k) -> torch.Tensor:
             y, t = ctx
             return student_loss(loss, z, y, t, lam[k], taus[k], 0.0)[0]
 
-        batch = ViewBatches(xs[k], targets["y"][k], rows, seed)  # as train_one feeds `fit`
+        # as train_one feeds `fit`
+        batch = ViewBatches(xs[k], targets["y"][k], rows, seed, teacher=teacher)
         one = BestVal(xv[k : k + 1], yv[k : k + 1], every=2) if select else None
         fit(model, xs[k], loss_fn, STEPS, BS, lr, 0.1, seed, batch=batch, select=one)
         if select is not None:

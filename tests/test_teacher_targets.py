@@ -1,5 +1,5 @@
 """The teacher's side of augmentation and its targets: fresh crop/flip views while it trains
-(kdsweep.teacher.fresh_views), the diagnostics the cache stage measures
+(kdsweep.teacher.fresh_batches), the diagnostics the cache stage measures
 (kdsweep.cache.build.teacher_diagnostics) and the report's reading of them
 (kdsweep.report.diagnostics)."""
 
@@ -16,7 +16,8 @@ from kdsweep.cache.build import TAU_GRID, teacher_diagnostics
 from kdsweep.cache.summary import CacheSummary
 from kdsweep.config import ParamsError
 from kdsweep.report.diagnostics import diagnose, soft_targets_at
-from kdsweep.teacher import fresh_views
+from kdsweep.errors import KdsweepError
+from kdsweep.teacher import fresh_batches
 
 
 def _all_views(x: torch.Tensor) -> torch.Tensor:
@@ -27,7 +28,7 @@ def _all_views(x: torch.Tensor) -> torch.Tensor:
 
 def test_teacher_batches_are_fresh_crop_flip_views_of_the_rows():
     x = torch.randn(6, 3, 8, 8)
-    batch = fresh_views(x, seed=0)
+    batch = fresh_batches(x, seed=0)
     idx = torch.tensor([4, 1, 3])
     first, ctx = batch(idx)
     second, _ = batch(idx)
@@ -37,13 +38,13 @@ def test_teacher_batches_are_fresh_crop_flip_views_of_the_rows():
         for i in range(len(idx)):
             assert any(torch.equal(inputs[i], v) for v in views[i])
     assert not torch.equal(first, second)  # a new view every step, not a fixed one
-    again, _ = fresh_views(x, seed=0)(idx)
+    again, _ = fresh_batches(x, seed=0)(idx)
     assert torch.equal(again, first)  # reproducible from the seed
 
 
-def test_teacher_augment_needs_images():
-    with pytest.raises(ParamsError, match="teacher.augment"):
-        fresh_views(torch.randn(6, 40), seed=0)
+def test_teacher_augment_needs_a_family():
+    with pytest.raises(KdsweepError, match="teacher.augment"):
+        fresh_batches(torch.randn(6, 40), seed=0)  # tokens: no augmentation family
 
 
 class FixedLogits(torch.nn.Module):

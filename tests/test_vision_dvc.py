@@ -59,8 +59,10 @@ def imagefolder_params(root: Path, n_train: int, n_test: int) -> dict:
     raw["alphas"] = [0.1, 1.0]
     raw["subset_seeds"] = [0]
     raw["teacher"].update(arch="resnet20", width=8, epochs=3, batch_size=64, lr=0.003)
-    raw["cache"].update(views=2, chunk_rows=512, batch_size=256)
-    raw["cache"]["stores"] = {"full": {"teacher": "main", "kind": "full", "dtype": "float16"}}
+    raw["cache"].update(chunk_rows=512, batch_size=256)
+    raw["cache"]["stores"] = {
+        "full": {"teacher": "main", "kind": "full", "dtype": "float16", "views": 2}
+    }
     raw["student"].update(
         arch="vit",
         width=32,

@@ -53,8 +53,9 @@ def test_cifar100_params_file_runs_on_generated_cifar_data_with_views(tmp_path, 
     raw["teacher"].update(arch="resnet20", width=4)
     raw["student"].update(arch="resnet20", width=4)
     raw["alphas"] = [1.0]
-    raw["cache"]["views"] = 2
-    raw["cache"]["stores"] = {"full": {"teacher": "main", "kind": "full", "dtype": "float32"}}
+    raw["cache"]["stores"] = {
+        "full": {"teacher": "main", "kind": "full", "dtype": "float32", "views": 2}
+    }
     raw["methods"] = {"ce": {}, "kd": {"tau": 4}}
     raw["sweep"] = {"methods": ["ce", "kd"]}
     raw["analysis"] = {"controls": []}
@@ -63,7 +64,7 @@ def test_cifar100_params_file_runs_on_generated_cifar_data_with_views(tmp_path, 
     data = tmp_path / "data"
     cache = LogitCache(data / "logits/full.zarr")
     train = cache.read("train").tensors
-    views, n, n_test = p.cache.views, p.data.n_train, p.data.n_test
+    views, n, n_test = p.cache.stores["full"].views, p.data.n_train, p.data.n_test
     assert train["logits"].shape == (n, views, 100) and train["aug"].shape == (n, views, 3)
     assert cache.read("test").tensors["logits"].shape == (n_test, 100)  # no views of the test split
     # the stored outputs are the teacher's outputs for exactly the stored views

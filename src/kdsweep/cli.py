@@ -113,6 +113,9 @@ def student(
             data / "logits" / f"{p.cache.reference}.zarr",
             None if store == "labels" else store,
             None if store == "labels" else data / "logits" / f"{store}.zarr",
+            None
+            if store == "labels"
+            else data / "teachers" / f"{p.cache.stores[store].teacher}.safetensors",
         )
         out = run_student_stage(p, inputs, out_dir)
     console.print(f"wrote {out}")

@@ -34,7 +34,17 @@ from pydantic import (
 )
 
 from kdsweep.errors import KdsweepError
-from kdsweep.registry import ARCHS, CACHE_KINDS, DATASETS, HYPER, LOSSES, TEACHERS, Registry
+from kdsweep.registry import (
+    ARCHS,
+    AUGMENTS,
+    CACHE_KINDS,
+    DATASETS,
+    HYPER,
+    LOSSES,
+    TEACHERS,
+    Registry,
+    augment_for,
+)
 
 STUDENTS_OF_LABELS = "labels"  # the student stage of methods that read no store
 
@@ -148,7 +158,7 @@ class TeacherParams(Strict):
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
     device: str = "auto"
-    augment: bool = False  # images: train on random crop/flip views, the family cache.views holds
+    augment: bool = False  # train on fresh views of the data's augmentation family (AUGMENTS)
 
 
 class Codec(Strict):
@@ -159,7 +169,12 @@ class Codec(Strict):
 
 
 class StoreParams(Strict):
-    """One Zarr store: which teacher (TEACHERS) it caches and in which kind (CACHE_KINDS)."""
+    """One store: which teacher (TEACHERS) it caches and in which kind (CACHE_KINDS).
+
+    `views`: 1 trains on the clean inputs; V > 1 caches V augmented views per training row (the
+    data's augmentation family, `registry.AUGMENTS`) and its students replay them; "fresh" (kind
+    `online` only) gives every step a fresh augmented view, labelled by the teacher on the spot.
+    `draws` (kind `sampled`): R independent draw sets per row, one picked per row per step."""
 
     teacher: str  # required: DVC tracks it (the store's stage depends on that checkpoint)
     kind: registered(CACHE_KINDS) = "full"
@@ -167,14 +182,29 @@ class StoreParams(Strict):
     k: int | None = Field(None, gt=0)
     sample_seed: int = 0
     tau: float = Field(1.0, gt=0)  # kind sampled only: draws from softmax(logits / tau)
+    draws: int = Field(1, ge=1)  # kind sampled only: independent draw sets per row
+    views: Annotated[int, Field(ge=1)] | Literal["fresh"] = 1
 
     @model_validator(mode="after")
     def _known_and_k_matches_kind(self) -> StoreParams:
         _choice("teacher", self.teacher, TEACHERS)
-        if "tau" in self.model_fields_set and self.kind != "sampled":
+        for key in ("tau", "draws"):
+            if key in self.model_fields_set and self.kind != "sampled":
+                raise ValueError(
+                    f"{key}={getattr(self, key)} is meaningful only for kind 'sampled' (its "
+                    f"draws), not {self.kind!r}"
+                    + (": set tau on the methods instead" if key == "tau" else "")
+                )
+        online = self.kind == "online"
+        if online and self.views not in (1, "fresh"):
             raise ValueError(
-                f"tau={self.tau} is meaningful only for kind 'sampled' (the temperature its draws "
-                f"are made at), not {self.kind!r}: set tau on the methods instead"
+                f"views={self.views!r}: an online teacher labels each step's own input, so its "
+                "store takes views 1 (clean inputs) or 'fresh' (a fresh augmented view per step)"
+            )
+        if self.views == "fresh" and not online:
+            raise ValueError(
+                f"views='fresh' needs the teacher at every step (kind 'online'), not "
+                f"{self.kind!r}: a cache holds a fixed number of views (views: V)"
             )
         needs_k = CACHE_KINDS[self.kind].needs_k
         if not needs_k and self.k is not None:
@@ -183,13 +213,17 @@ class StoreParams(Strict):
             raise ValueError(f"kind {self.kind!r} needs k (a positive integer)")
         return self
 
+    @property
+    def augmented(self) -> bool:
+        """Whether its students see augmented views (cached or fresh)."""
+        return self.views != 1
+
 
 class CacheParams(Strict):
     codec: Codec = Codec()
     chunk_rows: int = Field(8192, gt=0)
     batch_size: int = Field(1024, gt=0)
-    views: int = Field(1, ge=1)  # >1: augmentation-consistent caching of V crop/flip views
-    aug_seed: int = 0
+    aug_seed: int = 0  # seeds the cached views of every store (`views` > 1)
     stores: dict[str, StoreParams]
     reference: str = "full"  # the store whose test split measures agreement and KL
 
@@ -368,6 +402,14 @@ class Params(Strict):
         if STUDENTS_OF_LABELS in self.cache.stores:
             raise ValueError(f"cache.stores: {STUDENTS_OF_LABELS!r} names the label-only students")
         _check_arch("teacher.arch", self.teacher.arch, self.data.name)
+        rank = DATASETS[self.data.name].input_rank
+        augmented = [f"cache.stores.{n}.views" for n, s in self.cache.stores.items() if s.augmented]
+        for key in (["teacher.augment"] if self.teacher.augment else []) + augmented:
+            if augment_for(rank) is None:
+                raise ValueError(
+                    f"{key}: data.name={self.data.name!r} (inputs of rank {rank}) has no "
+                    f"augmentation family ({', '.join(AUGMENTS)}): use clean inputs"
+                )
         _check_arch("student.arch", self.student.arch, self.data.name)
         _unique("subset_seeds", self.subset_seeds, allow_empty=False)
         _unique("student.train_seeds", self.student.train_seeds, allow_empty=False)

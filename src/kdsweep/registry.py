@@ -159,6 +159,40 @@ CACHE_KINDS.register(
 CACHE_KINDS.register(
     CacheKindEntry("sampled", "kdsweep.cache.kinds:Sampled", "k draws from p_T", True)
 )
+CACHE_KINDS.register(
+    CacheKindEntry(
+        "online",
+        "kdsweep.cache.kinds:Online",
+        "no training rows: the teacher runs on every batch (the reference caches are measured against)",
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation families: impl is an object with draw(n, views, seed) -> aug[n, views, 3] and
+# apply(x, aug[n, 3]) -> views (kdsweep.augment); one family per input rank
+
+
+@dataclass(frozen=True)
+class Augment(Entry):
+    input_rank: int = 3
+
+
+AUGMENTS: Registry[Augment] = Registry("augmentation")
+AUGMENTS.register(Augment("crop_flip", "kdsweep.augment:CROP_FLIP", "random crop + flip", 3))
+AUGMENTS.register(
+    Augment(
+        "shift_scale_noise",
+        "kdsweep.augment:SHIFT_SCALE_NOISE",
+        "circular shift, amplitude scale, additive noise (MNIST-1D)",
+        2,
+    )
+)
+
+
+def augment_for(input_rank: int) -> str | None:
+    """The augmentation family for inputs of `input_rank`, or None."""
+    return next((e.name for e in AUGMENTS.entries() if e.input_rank == input_rank), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,11 +249,18 @@ LOSSES.register(
         "λ·τ²·KL(p_T^τ‖p_S^τ) + (1−λ)·CE",
         distill="kl",
         hyper=(*_KD, "topk_mode"),
-        kinds=("full", "topk", "sampled"),
+        kinds=("full", "topk", "sampled", "online"),
     )
 )
 LOSSES.register(
-    Loss("logit_mse", f"{_C}:identity", "τ→∞ limit: logit MSE", distill="mse", hyper=("lambda",))
+    Loss(
+        "logit_mse",
+        f"{_C}:identity",
+        "τ→∞ limit: logit MSE",
+        distill="mse",
+        hyper=("lambda",),
+        kinds=("full", "online"),
+    )
 )
 LOSSES.register(
     Loss(

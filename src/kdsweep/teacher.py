@@ -1,9 +1,10 @@
 """The teacher stage: train the teacher once on the full training split (α=1) and save it with
 its random-head control. `teacher_model` builds the same network for the cache stage.
 
-With `teacher.augment` the teacher trains on fresh random crop/flip views (kdsweep.augment), the
-family the cache's views are drawn from: a teacher trained on clean images only can be right on
-its test images yet wrong on many of its own cached views, and KD students learn that.
+With `teacher.augment` the teacher trains on fresh random views (kdsweep.augment: crop/flip for
+images, shift/scale/noise for MNIST-1D), the family the cache's views are drawn from: a teacher
+trained on clean inputs only can be right on its test inputs yet wrong on many of its own cached
+views, and KD students learn that.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Any
 
 import torch
 
-from kdsweep.augment import apply_aug, draw_aug
-from kdsweep.config import Params, ParamsError
+from kdsweep.augment import family_for, fresh_views
+from kdsweep.config import Params
 from kdsweep.data.prepared import Prepared
 from kdsweep.io import (
     atomic_write_json,
@@ -63,7 +64,7 @@ def train_teacher(
         t.weight_decay,
         t.seed + rank,
         desc="teacher",
-        batch=fresh_views(x, t.seed + rank) if t.augment else None,
+        batch=fresh_batches(x, t.seed + rank) if t.augment else None,
     )
     model = model.cpu()
     if rank != 0:
@@ -83,18 +84,14 @@ def train_teacher(
     return metrics
 
 
-def fresh_views(x: torch.Tensor, seed: int) -> BatchFn:
-    """Each step's inputs as one fresh random crop/flip view per image (the cache's family);
-    the loss context stays the row ids."""
-    if x.dim() != 4:
-        raise ParamsError(
-            f"teacher.augment: true needs image data (crop and flip views), but the inputs are "
-            f"shaped {tuple(x.shape[1:])}: set teacher.augment: false"
-        )
+def fresh_batches(x: torch.Tensor, seed: int) -> BatchFn:
+    """Each step's inputs as one fresh random view per row (the data's augmentation family, the
+    one caches and online students draw from); the loss context stays the row ids."""
+    family_for(x)  # refuses data without a family before any training
     gen = torch.Generator().manual_seed(seed)
 
     def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return apply_aug(x[idx], draw_aug(len(idx), 1, gen)[:, 0]), idx
+        return fresh_views(x[idx], gen), idx
 
     return batch
 

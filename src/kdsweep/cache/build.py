@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from kdsweep.augment import apply_aug, draw_aug
+from kdsweep.augment import family_for
 from kdsweep.cache.format import StoreSpec
 from kdsweep.cache.reader import LogitCache
 from kdsweep.cache.summary import CacheSummary
 from kdsweep.cache.writer import write_cache
-from kdsweep.config import Params, ParamsError
+from kdsweep.config import Params
 from kdsweep.data.prepared import Prepared
 from kdsweep.distributed import barrier
 from kdsweep.io import load_checkpoint, report_work, weights_fingerprint
@@ -31,6 +31,7 @@ DIAGNOSTIC_OUTPUTS = 4096
 # report interpolates in log τ at the τ its students used, so the cache stage need not depend on
 # the methods (changing a method never re-runs a teacher forward pass).
 TAU_GRID = [2 ** (i / 4) for i in range(-4, 29)]
+DIAGNOSTIC_VIEWS = 4  # fresh views per row the diagnostics of an online store's teacher label
 
 
 def build_cache(
@@ -50,30 +51,32 @@ def build_cache(
     load_checkpoint(model, checkpoint)
     device = rank_device(p.teacher.device, rank)
     model.to(device).eval()
-    sampled = store.kind == "sampled"  # read τ only where it means something (DVC tracks it)
+    sampled, online = store.kind == "sampled", store.kind == "online"
     spec = StoreSpec(
         store.kind,
-        store.dtype,
+        "float32" if online else store.dtype,
         store.k,
         p.cache.chunk_rows,
         p.cache.codec,
         store.sample_seed,
-        store.tau if sampled else 1.0,
+        store.tau if sampled else 1.0,  # read τ and draws only where they mean something
+        store.draws if sampled else 1,
     )
-    inputs = {"train": prep.splits.x_train, "test": prep.splits.x_test}
+    s = prep.splits
+    # an online store's students run the teacher themselves: it keeps the test split only
+    inputs = {"test": s.x_test} if online else {"train": s.x_train, "test": s.x_test}
     t0 = time.perf_counter()
     views, augment = {}, None
-    if p.cache.views > 1:
-        if prep.splits.x_train.dim() != 4:
-            raise ParamsError("cache.views > 1 needs image data (crop and flip views)")
-        views = {"train": draw_aug(len(prep.splits.x_train), p.cache.views, p.cache.aug_seed)}
-        augment = apply_aug
+    if isinstance(store.views, int) and store.views > 1:
+        family = family_for(s.x_train)
+        views = {"train": family.draw(len(s.x_train), store.views, p.cache.aug_seed)}
+        augment = family.apply
     write_cache(
         out,
         model,
         inputs,
         spec,
-        prep.splits.num_classes,
+        s.num_classes,
         weights_fingerprint(checkpoint),
         prep.fingerprint,
         p.cache.batch_size,
@@ -86,12 +89,12 @@ def build_cache(
     )
     if rank == 0:
         report_work("cache", time.perf_counter() - t0)
-        s = prep.splits
-        diagnostics = teacher_diagnostics(
-            model, s.x_train, s.y_train, views.get("train"), p.cache.batch_size
-        )
+        aug = views.get("train")
+        if store.views == "fresh":  # a sample of the fresh views its students will see
+            aug = family_for(s.x_train).draw(len(s.x_train), DIAGNOSTIC_VIEWS, p.cache.aug_seed)
+        diagnostics = teacher_diagnostics(model, s.x_train, s.y_train, aug, p.cache.batch_size)
         metrics = checkpoint.parent / "metrics.json"
-        write_summary(name, store.teacher, out, metrics, summary, diagnostics)
+        write_summary(name, store.teacher, out, metrics, summary, diagnostics, store.views)
 
 
 @torch.no_grad()
@@ -115,8 +118,9 @@ def teacher_diagnostics(
     out: dict[str, Any] = {"diagnostic_rows": n, "teacher_train_acc": accuracy(clean, y)}
     z, labels = clean, y
     if aug is not None:
+        apply = family_for(x).apply
         z = torch.stack(
-            [predict(model, apply_aug(x, aug[:n, v]), batch_size) for v in range(aug.shape[1])], 1
+            [predict(model, apply(x, aug[:n, v]), batch_size) for v in range(aug.shape[1])], 1
         )
         labels = y[:, None].expand(n, aug.shape[1])
         out["teacher_view_acc"] = accuracy(z, labels)
@@ -138,6 +142,7 @@ def write_summary(
     metrics: Path,
     out: Path,
     diagnostics: dict[str, Any] | None = None,
+    views: int | str = 1,
 ) -> None:
     """The size figures, teacher accuracy and teacher-target `diagnostics` (teacher_diagnostics)
     the report's cache and diagnostics tables show."""
@@ -156,6 +161,8 @@ def write_summary(
         teacher_test_acc=scores.get("test_acc"),
         teacher_test_ppl=scores.get("test_ppl"),
         num_rows=sum(a["splits"].values()),
-        views=a["views"],
+        views=views,
+        draws=a["draws"] or 1,
+        train_bytes_per_row=info["train_bytes_per_row"],
         **(diagnostics or {}),
     ).write(out)

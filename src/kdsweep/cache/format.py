@@ -3,16 +3,19 @@
 Layout of `<name>.zarr` (DESIGN.md §4):
   zarr.json              root attributes: format_version, kind, k, dtype, num_classes, row_shape,
                          views, teacher_fingerprint, dataset_fingerprint, codec, chunk_rows,
-                         sample_seed, sample_tau, splits, kdsweep_version, complete (written last)
-                         (sample_seed and sample_tau: the seed and temperature τ a `sampled`
-                         store draws at, None for other kinds; its students train at that τ)
+                         sample_seed, sample_tau, draws, splits, kdsweep_version, complete
+                         (written last) (sample_seed, sample_tau and draws: the seed, the
+                         temperature τ and the number R of draw sets of a `sampled` store, None
+                         for other kinds; its students train at that τ)
   train/, test/          one group per split, attributes {split, num_rows}; the arrays of the
                          store's kind (kdsweep.cache.kinds), shaped [N, *row_shape, …], plus
                          aug[N, V, 3] (int16) for a split cached over V augmented views:
                            full     logits
                            topk     values, indices, tail_logsumexp (float32, the log-sum-exp
                                     of the logits NOT in the top-k; −inf when k = C)
-                           sampled  indices, weights (draws from softmax(logits / sample_tau))
+                           sampled  indices, weights [N, …, R, k] (R draw sets from
+                                    softmax(logits / sample_tau))
+                           online   test/logits only (float32): no training rows
 Chunks hold whole rows (`chunk_rows`), compressed by zarr's own codecs, and end in a
 Crc32cCodec, so an altered chunk raises on read instead of decoding to garbage.
 
@@ -37,8 +40,9 @@ from kdsweep.registry import CACHE_KINDS
 
 # 2: row_shape per split (positions or views per row), aug
 # 3: topk stores the tail's own log-sum-exp (tail_logsumexp) instead of the log-sum-exp over all
-#    classes; sampled stores draw at their own τ (sample_tau). Readers refuse 2: rebuild.
-FORMAT_VERSION = 3
+#    classes; sampled stores draw at their own τ (sample_tau).
+# 4: sampled stores hold R draw sets per row (draws); kind online. Readers refuse 3: rebuild.
+FORMAT_VERSION = 4
 REQUIRED_ATTRS = {
     "format_version",
     "kind",
@@ -51,6 +55,7 @@ REQUIRED_ATTRS = {
     "dataset_fingerprint",
     "codec",
     "chunk_rows",
+    "draws",
     "splits",
     "kdsweep_version",
     "complete",
@@ -70,6 +75,7 @@ class StoreSpec:
     codec: Codec = Codec()
     sample_seed: int = 0
     sample_tau: float = 1.0  # the temperature a sampled store draws at
+    draws: int = 1  # the draw sets per row of a sampled store
 
     @property
     def kind_class(self) -> type[CacheKind]:
@@ -77,7 +83,7 @@ class StoreSpec:
 
     def layout(self, n: int, c: int, row: tuple[int, ...]) -> Layout:
         """Shapes and dtypes of each array: n rows, each of `row` positions (() for one label)."""
-        return self.kind_class.layout(n, c, row, self.k, self.dtype)
+        return self.kind_class.layout(n, c, row, self.k, self.dtype, self.draws)
 
 
 def partial_path(path: Path) -> Path:
@@ -117,6 +123,7 @@ def root_attrs(
         "chunk_rows": spec.chunk_rows,
         "sample_seed": spec.sample_seed if sampled else None,
         "sample_tau": float(spec.sample_tau) if sampled else None,
+        "draws": spec.draws if sampled else None,
         "splits": splits,
         "kdsweep_version": __version__,
         "complete": False,

@@ -13,10 +13,15 @@ Per row (one position of a sequence, one view of an image), for C classes (forma
            (format 2 stored the log-sum-exp over all C classes and recovered the tail as
            log(1 − Σ p_top): catastrophic cancellation against float16 values once the tail
            mass fell below ~1e-2.)
-  sampled  indices[k] drawn with replacement from softmax(logits / τ_store) (τ_store: the
-           root attribute `sample_tau`), duplicates merged, weights[k] = draw counts / k (0 in
-           unused slots): Σ_j w_j·f(c_j) is an unbiased estimate of E_{c~p_T^τ}[f(c)], so the
-           student's τ²·CE at τ = τ_store on them estimates τ²·CE(p_T^τ, p_S^τ).
+  sampled  indices[R, k] drawn with replacement from softmax(logits / τ_store) (τ_store: the
+           root attribute `sample_tau`), duplicates merged, weights[R, k] = draw counts / k (0
+           in unused slots): Σ_j w_j·f(c_j) is an unbiased estimate of E_{c~p_T^τ}[f(c)], so the
+           student's τ²·CE at τ = τ_store on them estimates τ²·CE(p_T^τ, p_S^τ). R (the root
+           attribute `draws`) independent draw sets per row: a student picks one per row per
+           step (`TeacherTargets.pick_draws`), so over hundreds of epochs it sees R estimates,
+           not one fixed noisy label (format 3 held one set).
+  online   no training rows at all — its students run the teacher on every batch — and the
+           test split's logits in float32 (agreement and KL when it is the reference store).
 Encoding is numpy/torch only: this module knows nothing of Zarr.
 """
 
@@ -70,17 +75,26 @@ class CacheKind:
 
     arrays: ClassVar[tuple[str, ...]]
     floats: ClassVar[tuple[str, ...]] = ()  # arrays stored in the store's float dtype
+    # arrays with a draw axis [..., R, k] before the last (one set picked per row per step)
+    drawn: ClassVar[tuple[str, ...]] = ()
 
     @staticmethod
-    def layout(n: int, c: int, row: tuple[int, ...], k: int | None, dtype: str) -> Layout:
+    def layout(
+        n: int, c: int, row: tuple[int, ...], k: int | None, dtype: str, draws: int = 1
+    ) -> Layout:
         raise NotImplementedError
 
     @staticmethod
     def encode(
-        logits: torch.Tensor, k: int | None, dtype: str, gen: torch.Generator, tau: float = 1.0
+        logits: torch.Tensor,
+        k: int | None,
+        dtype: str,
+        gen: torch.Generator,
+        tau: float = 1.0,
+        draws: int = 1,
     ) -> dict:
-        """Teacher logits [B, ..., C] (float32) -> {array name: numpy rows}; `tau` is the
-        temperature a sampled store draws at (the other kinds ignore it)."""
+        """Teacher logits [B, ..., C] (float32) -> {array name: numpy rows}; `tau` and `draws`:
+        the temperature and number of draw sets of a sampled store (the other kinds ignore them)."""
         raise NotImplementedError
 
     @classmethod
@@ -108,12 +122,19 @@ class Full(CacheKind):
     floats = ("logits",)
 
     @staticmethod
-    def layout(n: int, c: int, row: tuple[int, ...], k: int | None, dtype: str) -> Layout:
+    def layout(
+        n: int, c: int, row: tuple[int, ...], k: int | None, dtype: str, draws: int = 1
+    ) -> Layout:
         return {"logits": ((n, *row, c), float_dtype(dtype))}
 
     @staticmethod
     def encode(
-        logits: torch.Tensor, k: int | None, dtype: str, gen: torch.Generator, tau: float = 1.0
+        logits: torch.Tensor,
+        k: int | None,
+        dtype: str,
+        gen: torch.Generator,
+        tau: float = 1.0,
+        draws: int = 1,
     ) -> dict:
         return {"logits": to_stored(logits, dtype)}
 
@@ -143,7 +164,9 @@ class TopK(CacheKind):
     floats = ("values",)
 
     @staticmethod
-    def layout(n: int, c: int, row: tuple[int, ...], k: int | None, dtype: str) -> Layout:
+    def layout(
+        n: int, c: int, row: tuple[int, ...], k: int | None, dtype: str, draws: int = 1
+    ) -> Layout:
         return {
             "values": ((n, *row, k or 0), float_dtype(dtype)),
             "indices": ((n, *row, k or 0), index_dtype(c)),
@@ -152,7 +175,12 @@ class TopK(CacheKind):
 
     @staticmethod
     def encode(
-        logits: torch.Tensor, k: int | None, dtype: str, gen: torch.Generator, tau: float = 1.0
+        logits: torch.Tensor,
+        k: int | None,
+        dtype: str,
+        gen: torch.Generator,
+        tau: float = 1.0,
+        draws: int = 1,
     ) -> dict:
         logits = logits.float()
         values, idx = logits.topk(_check_k(k, logits.shape[-1]), dim=-1)
@@ -209,22 +237,36 @@ class TopK(CacheKind):
         return tau**2 * (torch.special.xlogy(p, p) - p * log_q_buckets).sum(-1)
 
 
+class Online(Full):
+    """Targets computed by the teacher on every batch (`students.inputs`), shaped as a full
+    cache's logits; the store itself holds only the test split's logits (float32)."""
+
+
 class Sampled(CacheKind):
     arrays = ("indices", "weights")
+    drawn = ("indices", "weights")
 
     @staticmethod
-    def layout(n: int, c: int, row: tuple[int, ...], k: int | None, dtype: str) -> Layout:
+    def layout(
+        n: int, c: int, row: tuple[int, ...], k: int | None, dtype: str, draws: int = 1
+    ) -> Layout:
         return {
-            "indices": ((n, *row, k or 0), index_dtype(c)),
-            "weights": ((n, *row, k or 0), np.dtype(np.float32)),
+            "indices": ((n, *row, draws, k or 0), index_dtype(c)),
+            "weights": ((n, *row, draws, k or 0), np.dtype(np.float32)),
         }
 
     @staticmethod
     def encode(
-        logits: torch.Tensor, k: int | None, dtype: str, gen: torch.Generator, tau: float = 1.0
+        logits: torch.Tensor,
+        k: int | None,
+        dtype: str,
+        gen: torch.Generator,
+        tau: float = 1.0,
+        draws: int = 1,
     ) -> dict:
         c = logits.shape[-1]
         k = _check_k(k, c)
+        logits = logits.unsqueeze(-2).expand(*logits.shape[:-1], draws, c)  # R independent sets
         probs = torch.softmax(logits.double().reshape(-1, c) / tau, dim=-1)
         draws = torch.multinomial(probs, k, replacement=True, generator=gen)
         counts = torch.zeros_like(probs).scatter_add_(
@@ -243,6 +285,16 @@ class Sampled(CacheKind):
         """τ²·Σ_j w_j·(−log p_S^τ(c_j)): an unbiased estimate of τ²·CE(p_T^τ, p_S^τ) when τ is
         the store's own `sample_tau` (config validation makes every student of a sampled store
         train at exactly that τ); it differs from τ²·KL by the teacher's entropy at τ, a
-        constant with no gradient."""
+        constant with no gradient. Rows as stored still carry their R draw sets [..., R, k]
+        (training picks one per row and step): the term is then the mean of the R estimates."""
+        w, i = t.tensors["weights"], t.tensors["indices"]
         log_q = torch.log_softmax(z / tau, dim=-1)
-        return -(tau**2) * (t.tensors["weights"] * log_q.gather(-1, t.tensors["indices"])).sum(-1)
+        if w.dim() > z.dim():
+            log_q = log_q.unsqueeze(-2).expand(*i.shape[:-1], log_q.shape[-1])
+            return -(tau**2) * (w * log_q.gather(-1, i)).sum(-1).mean(-1)
+        return -(tau**2) * (w * log_q.gather(-1, i)).sum(-1)
+
+    @staticmethod
+    def top1(t: TeacherTargets) -> torch.Tensor:
+        """The most drawn class of the first draw set (of rows as stored: [..., R, k])."""
+        return t.tensors["indices"][..., 0, 0]

@@ -53,7 +53,7 @@ class LogitCache:
             stage = f"cache@{self.path.name.removesuffix('.zarr')}"
             raise CacheError(
                 f"{self.path} has cache format_version {a.get('format_version')!r}, this kdsweep reads "
-                f"{FORMAT_VERSION} (3: exact top-k tails, sampled stores at their own tau): "
+                f"{FORMAT_VERSION} (4: sampled stores with draw sets, online stores): "
                 f"rebuild it by re-running its cache stage, `dvc repro -f {stage}`"
             )
         if a.get("complete") is not True:
@@ -77,7 +77,7 @@ class LogitCache:
         a = self.attrs
         if a["kind"] not in CACHE_KINDS:
             raise CacheError(f"{self.path} has kind {a['kind']!r}, unknown to this kdsweep")
-        spec = StoreSpec(kind=a["kind"], dtype=a["dtype"], k=a["k"])
+        spec = StoreSpec(kind=a["kind"], dtype=a["dtype"], k=a["k"], draws=a["draws"] or 1)
         for split, n in a["splits"].items():
             if split not in self.root:
                 raise CacheError(f"{self.path}: split group {split!r} is missing")
@@ -123,7 +123,9 @@ class LogitCache:
         return TeacherTargets(self.kind, out)
 
     def info(self) -> dict[str, Any]:
-        stored = logical = 0
+        """Sizes: on disk and uncompressed, per row of all splits and per training row (what a
+        student's store costs: its views and draw sets included; 0 for an online store)."""
+        stored = logical = train = 0
         shapes = {}
         for split in self.attrs["splits"]:
             for name in self._arrays(split):
@@ -131,13 +133,16 @@ class LogitCache:
                 shapes[f"{split}/{name}"] = [list(arr.shape), str(arr.dtype)]
                 stored += arr.nbytes_stored()
                 logical += arr.nbytes
+                train += arr.nbytes_stored() if split == "train" else 0
         rows = sum(self.attrs["splits"].values())
+        train_rows = self.attrs["splits"].get("train", 0)
         return {
             "attributes": self.attrs,
             "arrays": shapes,
             "bytes_on_disk": int(stored),
             "bytes_uncompressed": int(logical),
             "bytes_per_row": stored / rows,
+            "train_bytes_per_row": train / train_rows if train_rows else 0.0,
             "compression_ratio": logical / stored if stored else float("nan"),
         }
 

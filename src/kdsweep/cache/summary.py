@@ -24,7 +24,9 @@ class CacheSummary:
     compression_ratio: float
     teacher_test_acc: float | None
     num_rows: int
-    views: int = 1  # crop/flip views per training row (1: clean inputs only)
+    views: int | str = 1  # augmented views per training row (1: clean inputs; "fresh": online)
+    draws: int = 1  # draw sets per row of a sampled store
+    train_bytes_per_row: float | None = None  # bytes on disk per training row (0: online)
     teacher_test_ppl: float | None = None  # language models: the teacher's test perplexity
     # teacher-target diagnostics (kdsweep.cache.build.teacher_diagnostics), over the first
     # `diagnostic_rows` training rows: accuracy on them clean and on their cached views, and

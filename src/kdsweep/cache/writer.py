@@ -103,7 +103,7 @@ def write_cache(
                 seed = spec.sample_seed * 1_000_003 + i + (0 if split == "train" else 500_009)
                 gen = torch.Generator().manual_seed(seed)
                 for name, arr in kind.encode(
-                    logits, spec.k, spec.dtype, gen, tau=spec.sample_tau
+                    logits, spec.k, spec.dtype, gen, tau=spec.sample_tau, draws=spec.draws
                 ).items():
                     root[split][name][lo:hi] = arr
                 if split in views:

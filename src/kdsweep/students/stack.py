@@ -26,7 +26,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from tqdm import tqdm
 
 from kdsweep.losses import student_loss
-from kdsweep.targets import TeacherTargets
+from kdsweep.targets import TeacherTargets, pick_draw
 from kdsweep.train import AdamW, BestVal, NonFiniteLoss, flushed_denormals
 
 # (logits [bs, C], this student's target rows {name: [bs, ...]}, its hyper-parameters {name: 0-d})
@@ -62,6 +62,8 @@ def fit_stacked(
     weight_decay: float,
     desc: str = "stacked",
     select: BestVal | None = None,
+    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    drawn: tuple[str, ...] = (),
 ) -> StackedFit:
     """Train K = len(seeds) students at once; student k is the one `train.fit` would train with
     `seed=seeds[k]` on inputs `xs[k]` and targets `{name: t[k]}` (and `select` its validation
@@ -70,6 +72,10 @@ def fit_stacked(
 
     xs: [K, n, ...] and every target [K, n, ...] (one stage instance shares α, hence n);
     hyper: {name: float64 [K]} per-student scalars (τ, λ) handed to `loss_fn` as 0-d tensors.
+    teacher: an online store's network, run on every step's inputs of all K students at once
+    (its logits become the target "logits"); drawn: the targets with a draw axis [K, n, R, k]
+    (a sampled store), of which each sample gets one set per step from its student's own
+    generator, as `targets.ViewBatches` picks them.
     The global RNG is seeded with `seeds[k]` right before `model_factory(seeds[k])`, as `train_one`
     does before `build_model`. On CUDA the forward runs under bf16 autocast, as in `fit`.
     """
@@ -109,6 +115,7 @@ def fit_stacked(
     forward_k, loss_k = vmap(forward), vmap(loss_fn)
     bs = min(batch_size, n)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
+    draw_gens = [torch.Generator().manual_seed(s) for s in seeds]  # ViewBatches' own stream
     opt = AdamW(params.values(), lr, weight_decay, steps)
     rows = torch.arange(k, device=device)[:, None]
     neg = torch.zeros(k, device=device)
@@ -125,11 +132,19 @@ def fit_stacked(
                 perm, pos = new_perm(), 0
             idx = perm[:, pos : pos + bs]
             pos += bs
+            xb = xs[rows, idx]
+            batch = {m: t[rows, idx] for m, t in targets.items()}
+            if drawn:
+                r = batch[drawn[0]].shape[-2]
+                d = torch.stack([torch.randint(0, r, (bs,), generator=g) for g in draw_gens])
+                batch |= {m: pick_draw(batch[m], d.to(device)) for m in drawn}
+            if teacher is not None:
+                with torch.no_grad():
+                    z_t = teacher(xb.flatten(0, 1)).float()
+                batch["logits"] = z_t.view(k, bs, *z_t.shape[1:])
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                z = forward_k(params, buffers, xs[rows, idx])
-            per_sample, distill = loss_k(
-                z.float(), {m: t[rows, idx] for m, t in targets.items()}, hyper
-            )
+                z = forward_k(params, buffers, xb)
+            per_sample, distill = loss_k(z.float(), batch, hyper)
             loss = per_sample.mean(1)
             finite = torch.isfinite(loss).tolist()
             if not all(

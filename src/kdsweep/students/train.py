@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from kdsweep.cache.format import CacheError
 from kdsweep.cache.reader import LogitCache
 from kdsweep.config import Params, ParamsError, StudentParams, params_hash
 from kdsweep.data.prepared import Prepared, load_prepared
 from kdsweep.errors import KdsweepError
-from kdsweep.io import report_work, tensors_fingerprint
+from kdsweep.io import load_checkpoint, report_work, tensors_fingerprint, weights_fingerprint
 from kdsweep.losses import student_loss
 from kdsweep.metrics import evaluate
 from kdsweep.models import build_model
@@ -33,6 +34,7 @@ from kdsweep.students.plan import StudentJob, choose_path, memory_groups, stack_
 from kdsweep.students.reuse import student_key
 from kdsweep.students.stack import fit_stacked, stack_subsets, stacked_student_loss
 from kdsweep.targets import NO_TARGETS, TeacherTargets, ViewBatches
+from kdsweep.teacher import teacher_model
 from kdsweep.train import BestVal, fit, num_steps, pick_device, predict
 
 # (model on the CPU, seconds, negative-KL fraction, chosen step under best_val else None,
@@ -62,13 +64,31 @@ def open_store(p: Params, name: str, path: Path, teachers: Path, prep: Prepared)
             "`dvc repro teacher` or `dvc pull teacher`"
         ) from None
     cache = LogitCache(path, fingerprint, prep.fingerprint)
-    if cache.kind == "sampled" and cache.attrs["sample_tau"] != p.cache.stores[name].tau:
+    spec = p.cache.stores[name]
+    if cache.kind == "sampled" and (cache.attrs["sample_tau"], cache.attrs["draws"]) != (
+        spec.tau,
+        spec.draws,
+    ):
         raise CacheError(
-            f"{path} holds draws at tau={cache.attrs['sample_tau']}, but "
-            f"cache.stores.{name}.tau={p.cache.stores[name].tau}: re-run its cache stage "
-            f"(`dvc repro cache@{name}`)"
+            f"{path} holds {cache.attrs['draws']} draw sets at tau={cache.attrs['sample_tau']}, "
+            f"but cache.stores.{name} asks for {spec.draws} at tau={spec.tau}: re-run its cache "
+            f"stage (`dvc repro cache@{name}`)"
         )
     return cache
+
+
+def online_teacher(p: Params, store: LogitCache, checkpoint: Path, prep: Prepared) -> nn.Module:
+    """The teacher of an online store, from its checkpoint — refused unless its weights are the
+    ones the store (and so the teacher stage's metrics) names."""
+    have = weights_fingerprint(checkpoint)
+    if have != store.attrs["teacher_fingerprint"]:
+        raise CacheError(
+            f"{checkpoint} (weights {have[:12]}…) is not the teacher of {store.path} "
+            f"({store.attrs['teacher_fingerprint'][:12]}…): re-run `dvc repro teacher` or pull both"
+        )
+    model = teacher_model(p, prep)
+    load_checkpoint(model, checkpoint)
+    return model.eval()
 
 
 def student_data(
@@ -118,18 +138,23 @@ class StageInputs:
     reference: Path  # the cache.reference store: test agreement and KL
     store: str | None = None  # the store the students read; None: students of labels only
     logits: Path | None = None  # that store's Zarr path
+    checkpoint: Path | None = None  # its teacher's weights (run on every batch by an online store)
 
 
 @dataclass
 class StageData:
     """A stage's inputs in memory, loaded once per process: the prepared data, the train rows of
     its store (or, with augmented views, the views for students of labels), the reference
-    store's test outputs (top-1, logits from a full cache), and the fingerprints of all three."""
+    store's test outputs (top-1, logits from a full cache), and the fingerprints of all three;
+    `fresh`: its students see a fresh augmented view every step; `teacher`: the network an
+    online store runs on every batch (None for a cache)."""
 
     prep: Prepared
     train: TeacherTargets
     ref_test: tuple[torch.Tensor, torch.Tensor | None]
     fingerprints: dict[str, str | None]
+    fresh: bool = False
+    teacher: nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -159,13 +184,23 @@ def _load(p: Params, inputs: StageInputs) -> StageData:
     ref = open_store(p, p.cache.reference, inputs.reference, inputs.teachers, prep)
     t = ref.read("test")
     ref_test = (CACHE_KINDS.load(t.kind).top1(t), t.tensors.get("logits"))
-    train = NO_TARGETS
-    if inputs.store is None and p.methods_reading(None) and ref.attrs["views"] > 1:
-        # students of labels replay the same cached views as those of the teacher (every
-        # store holds the same views), each view with its true label
-        train = TeacherTargets(None, {"aug": ref.read("train").tensors["aug"]})
+    train, fresh, teacher = NO_TARGETS, False, None
+    if inputs.store is None and p.methods_reading(None):
+        # students of labels see the inputs of the reference store's students: its cached
+        # views (each with its true label), fresh views, or the clean rows
+        fresh = p.cache.stores[p.cache.reference].views == "fresh"
+        if ref.attrs["views"] > 1:
+            train = TeacherTargets(None, {"aug": ref.read("train").tensors["aug"]})
     if inputs.store is not None and p.methods_reading(inputs.store):
-        train = open_store(p, inputs.store, inputs.logits, inputs.teachers, prep).read("train")
+        store = open_store(p, inputs.store, inputs.logits, inputs.teachers, prep)
+        if store.kind == "online":
+            if inputs.checkpoint is None:
+                raise ParamsError(f"store {inputs.store!r} is online: give its teacher checkpoint")
+            teacher = online_teacher(p, store, inputs.checkpoint, prep)
+            fresh = p.cache.stores[inputs.store].views == "fresh"
+            train = TeacherTargets("online", {})
+        else:
+            train = store.read("train")
     ref_tensors = {
         "top1": ref_test[0],
         **({"logits": ref_test[1]} if ref_test[1] is not None else {}),
@@ -173,9 +208,10 @@ def _load(p: Params, inputs: StageInputs) -> StageData:
     fingerprints = {
         "data": prep.fingerprint,
         "train": tensors_fingerprint(train.tensors) if train.tensors else None,
+        "teacher": weights_fingerprint(inputs.checkpoint) if teacher is not None else None,
         "reference": tensors_fingerprint(ref_tensors),
     }
-    return StageData(prep, train, ref_test, fingerprints)
+    return StageData(prep, train, ref_test, fingerprints, fresh, teacher)
 
 
 def stage_jobs(p: Params, store: str | None) -> list[StudentJob]:
@@ -199,7 +235,7 @@ def plan_stacks(p: Params, sd: StageData, jobs: list[StudentJob]) -> list[Stack]
     for i, job in enumerate(jobs):
         groups.setdefault(stack_key(job, sd.train), []).append(i)
     vmappable = ARCHS[p.student.arch].vmappable
-    views = "aug" in sd.train.tensors
+    views = "aug" in sd.train.tensors or sd.fresh  # a view per sample and step: one at a time
     return [
         Stack(
             tuple(members),
@@ -259,6 +295,7 @@ def train_stack(
     jobs = stage_jobs(p, inputs.store)
     device = pick_device(p.student.device)
     num_classes = sd.prep.splits.num_classes
+    teacher = sd.teacher.to(device) if sd.teacher is not None else None
 
     def part(job: StudentJob) -> tuple[torch.Tensor, torch.Tensor, TeacherTargets]:
         # built when its student trains: one stage's many subsets never sit in memory at once
@@ -275,10 +312,13 @@ def train_stack(
         padded = members * 2 if len(members) == 1 else members
         probe = _student_model(p, num_classes, sd.prep.splits.x_train, seed=0)
         key = stack_key(members[0], sd.train)
-        trained = _fit_stack(p, key, padded, part, val, probe, num_classes, device)
+        trained = _fit_stack(p, key, padded, part, val, probe, num_classes, device, teacher)
         trained = trained[: len(members)]
     else:
-        trained = [train_one(p, job, part(job), val(job), num_classes, device) for job in members]
+        trained = [
+            train_one(p, job, part(job), val(job), num_classes, device, sd.fresh, teacher)
+            for job in members
+        ]
     report_work("train", sum(t[1] for t in trained))
     rev = git_rev()
     return [
@@ -308,10 +348,11 @@ def _fit_stack(
     probe: torch.nn.Module,
     num_classes: int,
     device: torch.device,
+    teacher: nn.Module | None = None,
 ) -> list[Trained]:
     """Stacked training of students sharing `key`, in groups that fit memory (half the free GPU
     memory, 4 GiB on a CPU); `part(job)` builds a student's inputs, labels and teacher rows,
-    `val(job)` its validation rows.
+    `val(job)` its validation rows; `teacher`: an online store's, run on every step's inputs.
 
     A student's footprint is estimated as parameters + gradients + AdamW state (16 bytes a
     parameter) plus its subset, targets and a generous allowance for activations.
@@ -348,6 +389,8 @@ def _fit_stack(
             st.weight_decay,
             desc=f"{jobs[0].m.loss} α={jobs[0].alpha:g} ×{len(group)}",
             select=select,
+            teacher=teacher,
+            drawn=CACHE_KINDS.load(kind).drawn if kind else (),
         )
         share = res.seconds / len(group)
         out += [
@@ -375,9 +418,11 @@ def train_one(
     val: Rows,
     num_classes: int,
     device: torch.device,
+    fresh: bool = False,
+    teacher: nn.Module | None = None,
 ) -> Trained:
     """One student on its own: (trained model on the CPU, seconds, fraction of negative KL terms,
-    chosen step)."""
+    chosen step); `fresh` and `teacher` as `ViewBatches` takes them."""
     x, y, t = part[0].to(device), part[1].to(device), part[2].to(device)
     st, m = p.student, job.m
     model = _student_model(p, num_classes, x, job.seed).to(device)
@@ -404,7 +449,7 @@ def train_one(
         st.weight_decay,
         job.seed,
         desc=f"{job.method} α={job.alpha:g} s={job.subset_seed}",
-        batch=ViewBatches(x, y, t, job.seed),
+        batch=ViewBatches(x, y, t, job.seed, fresh, teacher),
         select=select,
     )
     return (
