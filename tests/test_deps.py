@@ -62,7 +62,8 @@ def test_sync_restores_a_removed_dep_and_keeps_the_rest(tmp_path: Path) -> None:
 
 def test_deps_are_precise() -> None:
     """Editing the report never re-runs a teacher; editing the cache writer never re-trains it;
-    students never run teacher code; the report never opens a Zarr store."""
+    students never run teacher training (online students only load its weights); the report
+    never opens a Zarr store."""
     run = {n: {str(p) for p in deps.closure(REPO / script_of(s))} for n, s in dvc_stages().items()}
     assert not {p for p in run["teacher"] if "/report/" in p or "/cache/" in p}
     assert (

@@ -107,7 +107,7 @@ def test_stacked_equals_sequential_fit(
             return student_loss(loss, z, y, t, lam[k], taus[k], 0.0)[0]
 
         # as train_one feeds `fit`
-        batch = ViewBatches(xs[k], targets["y"][k], rows, seed, teacher=teacher)
+        batch = ViewBatches(xs[k], targets["y"][k], rows, seed, teacher=teacher, drawn=drawn)
         one = BestVal(xv[k : k + 1], yv[k : k + 1], every=2) if select else None
         fit(model, xs[k], loss_fn, STEPS, BS, lr, 0.1, seed, batch=batch, select=one)
         if select is not None:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from kdsweep.augment import family_for, fresh_views
-from kdsweep.registry import CACHE_KINDS
 
 
 @dataclass(frozen=True)
@@ -67,13 +66,14 @@ class ViewBatches:
         seed: int,
         fresh: bool = False,
         teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        drawn: tuple[str, ...] = (),
     ):
         self.x, self.y = x, y
         self.aug = t.tensors.get("aug")
         self.t = TeacherTargets(t.kind, {k: v for k, v in t.tensors.items() if k != "aug"})
         self.gen = torch.Generator().manual_seed(seed)
         self.fresh, self.teacher = fresh, teacher
-        self.drawn = CACHE_KINDS.load(t.kind).drawn if t.kind else ()
+        self.drawn = drawn  # the kind's arrays with a draw axis (CacheKind.drawn)
 
     def __call__(
         self, idx: torch.Tensor

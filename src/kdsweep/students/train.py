@@ -34,7 +34,6 @@ from kdsweep.students.plan import StudentJob, choose_path, memory_groups, stack_
 from kdsweep.students.reuse import student_key
 from kdsweep.students.stack import fit_stacked, stack_subsets, stacked_student_loss
 from kdsweep.targets import NO_TARGETS, TeacherTargets, ViewBatches
-from kdsweep.teacher import teacher_model
 from kdsweep.train import BestVal, fit, num_steps, pick_device, predict
 
 # (model on the CPU, seconds, negative-KL fraction, chosen step under best_val else None,
@@ -86,7 +85,8 @@ def online_teacher(p: Params, store: LogitCache, checkpoint: Path, prep: Prepare
             f"{checkpoint} (weights {have[:12]}…) is not the teacher of {store.path} "
             f"({store.attrs['teacher_fingerprint'][:12]}…): re-run `dvc repro teacher` or pull both"
         )
-    model = teacher_model(p, prep)
+    s = prep.splits  # the teacher stage's network, its weights loaded (no training code here)
+    model = build_model(p.teacher.arch, tuple(s.x_train.shape[1:]), s.num_classes, p.teacher.width)
     load_checkpoint(model, checkpoint)
     return model.eval()
 
@@ -390,7 +390,7 @@ def _fit_stack(
             desc=f"{jobs[0].m.loss} α={jobs[0].alpha:g} ×{len(group)}",
             select=select,
             teacher=teacher,
-            drawn=CACHE_KINDS.load(kind).drawn if kind else (),
+            drawn=_drawn(kind),
         )
         share = res.seconds / len(group)
         out += [
@@ -398,6 +398,11 @@ def _fit_stack(
             for i, (mod, neg) in enumerate(zip(res.models, res.neg_frac, strict=True))
         ]
     return out
+
+
+def _drawn(kind: str | None) -> tuple[str, ...]:
+    """The arrays of a cache kind with a draw axis (one set picked per row and step)."""
+    return CACHE_KINDS.load(kind).drawn if kind else ()
 
 
 def _validation(st: StudentParams, rows: list[Rows], device: torch.device) -> BestVal:
@@ -449,7 +454,7 @@ def train_one(
         st.weight_decay,
         job.seed,
         desc=f"{job.method} α={job.alpha:g} s={job.subset_seed}",
-        batch=ViewBatches(x, y, t, job.seed, fresh, teacher),
+        batch=ViewBatches(x, y, t, job.seed, fresh, teacher, _drawn(t.kind)),
         select=select,
     )
     return (
