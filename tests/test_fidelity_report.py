@@ -75,7 +75,8 @@ def _summary(name: str, kind: str, k: int | None, bytes_per_row: float) -> Cache
         dtype="float16",
         teacher="main",
         bytes_on_disk=1000,
-        bytes_per_row=bytes_per_row,
+        bytes_per_row=2 * bytes_per_row,  # train + test rows: the section reads training rows
+        train_bytes_per_row=bytes_per_row,
         compression_ratio=1.0,
         teacher_test_acc=0.9,
         num_rows=1000,

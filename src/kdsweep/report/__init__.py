@@ -17,6 +17,7 @@ from kdsweep.analysis import Analysis, analyse
 from kdsweep.cache.summary import read_summaries
 from kdsweep.config import AnalysisParams
 from kdsweep.io import atomic_write_text
+from kdsweep.report.fidelity import draw_fidelity, fidelity_section, render_fidelity
 from kdsweep.report.figures import draw_figures
 from kdsweep.report.text import markdown
 from kdsweep.runs import read_runs
@@ -31,14 +32,18 @@ def write_report(
 ) -> Path:
     """Write out_dir/report.md, out_dir/figures/*.png and out_dir/plots/{accuracy,gain}.csv;
     the cache table comes from the summaries of `stores` in the `summaries` directory."""
-    an = analyse(read_runs(runs_parquet), settings)
+    table = read_runs(runs_parquet)
+    an = analyse(table, settings)
     out_dir = Path(out_dir)
     caches = read_summaries(summaries, list(stores)) if summaries else []
     figures = draw_figures(an, caches, out_dir / "figures")
     _write_plot_data(an, out_dir / "plots")
     path = out_dir / "report.md"
     rel = {name: p.relative_to(out_dir).as_posix() for name, p in figures.items()}
-    atomic_write_text(path, markdown(an, caches, rel))
+    fidelity = fidelity_section(table, caches, settings)
+    figure = draw_fidelity(fidelity, out_dir / "figures")
+    fidelity_md = render_fidelity(fidelity, figure and figure.relative_to(out_dir).as_posix())
+    atomic_write_text(path, markdown(an, caches, rel) + fidelity_md)
     return path
 
 

@@ -186,11 +186,11 @@ def fidelity_section(
                 "k": s.k if s else grs[0]["k"],
                 "dtype": s.dtype if s else None,
                 "views": s.views if s else None,
-                "draws": getattr(s, "draws", 1) if s else None,
+                "draws": s.draws if s else None,
                 "method": method,
                 "topk_mode": grs[0]["topk_mode"],
                 "tau": tau,
-                "bytes_per_row": s.bytes_per_row if s else None,
+                "bytes_per_row": s.train_bytes_per_row if s else None,  # per training row
                 "ref_taus": ref_taus,
                 "ref_tau_note": _tau_note(ref_taus, matched, tau),
                 "is_reference": is_ref,
