@@ -127,7 +127,7 @@ def test_report_diagnostics_interpolate_and_warn():
     ]
     d = diagnose(caches, runs)
     assert [c.name for c in d["stores"]] == ["full", "weak"]  # no diagnostics in an old summary
-    assert d["views"] == 2
+    assert d["augmented"] is True  # a store of 2 views
     rows = {(t["store"], t["tau"]): t for t in d["targets"]}
     assert set(rows) == {("full", 1.0), ("full", 2.0), ("full", 2.0 * math.sqrt(2)),
                          ("weak", 1.0), ("weak", 4.0)}  # fmt: skip
@@ -140,4 +140,4 @@ def test_report_diagnostics_interpolate_and_warn():
     assert len(d["warnings"]) == 2 and all("`weak`" in w for w in d["warnings"])
     assert any("50.0%" in w and "teacher.augment" in w for w in d["warnings"])
     assert any("τ = 4" in w and "uniform" in w for w in d["warnings"])
-    assert diagnose([], runs) == {"stores": [], "targets": [], "warnings": [], "views": None}
+    assert diagnose([], runs) == {"stores": [], "targets": [], "warnings": [], "augmented": False}

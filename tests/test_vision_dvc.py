@@ -108,5 +108,5 @@ def test_dvc_repro_on_an_imagefolder_with_views(tmp_path: Path) -> None:
         assert r["test_acc"] > 0.5, (r["method"], r["alpha"], r["test_acc"])
 
     report = (repo / "reports/report.md").read_text()
-    assert "## Teacher targets" in report and "2 seeded crop/flip views" in report
+    assert "## Teacher targets" in report and "V seeded augmented views" in report
     assert "| full | 4 |" in report  # the soft-target row at the KD τ

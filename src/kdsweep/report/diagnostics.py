@@ -43,8 +43,8 @@ def soft_targets_at(c: CacheSummary, tau: float) -> tuple[float, float]:
 
 def diagnose(caches: Sequence[CacheSummary], runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The report's diagnostics: `stores` (one row per store with diagnostics), `targets` (one
-    row per store and τ: τ = 1 and every τ its students used), `warnings` (sentences) and `views`
-    (the number of cached views per training image, None without summaries)."""
+    row per store and τ: τ = 1 and every τ its students used), `warnings` (sentences) and
+    `augmented` (whether any store's students see augmented views: cached or fresh)."""
     used = taus_used(runs)
     stores, targets, warnings = [], [], []
     for c in caches:
@@ -78,5 +78,5 @@ def diagnose(caches: Sequence[CacheSummary], runs: Sequence[Mapping[str, Any]]) 
                     f"1/C = {1 / c.num_classes:.3f}), so a KD student gets little signal from "
                     "them; use a lower τ, or a more confident teacher (longer training)."
                 )
-    views = caches[0].views if caches else None
-    return {"stores": stores, "targets": targets, "warnings": warnings, "views": views}
+    augmented = any(c.views != 1 for c in caches)
+    return {"stores": stores, "targets": targets, "warnings": warnings, "augmented": augmented}
