@@ -39,6 +39,7 @@ def cache_info(path: Path) -> None:
         t.add_row(f"array {k}", f"{shape} {dtype}")
     t.add_row("bytes on disk", f"{info['bytes_on_disk']:,}")
     t.add_row("bytes per row", f"{info['bytes_per_row']:.2f}")
+    t.add_row("bytes per training row", f"{info['train_bytes_per_row']:.2f}")
     t.add_row("compression ratio", f"{info['compression_ratio']:.2f}x")
     console.print(t)
 
