@@ -21,7 +21,6 @@ no spread give a point interval (and an exact equivalence decision).
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,12 +28,6 @@ import numpy as np
 from scipy import interpolate, optimize, stats
 
 NAN = (math.nan, math.nan)
-
-
-def group_rng(seed: int, *key: Any) -> np.random.Generator:
-    """A generator for one group: depends on the seed and the group's key only, so one group's
-    interval does not change when other groups are added."""
-    return np.random.default_rng([seed, zlib.crc32(repr(key).encode())])
 
 
 def _arrays(a: Sequence[float], b: Sequence[float], paired: bool) -> tuple[np.ndarray, ...]:
