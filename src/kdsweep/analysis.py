@@ -375,7 +375,9 @@ def _multiplier_rows(
             row |= {f"ci_high_censored{suffix}": hi_censored}
             if not suffix:
                 row["censored"] = censored
-        row["clamped"] = bool(sign * score < sign * fit[0])  # below the baseline's fit at its smallest α
+        row["clamped"] = bool(
+            sign * score < sign * fit[0]
+        )  # below the baseline's fit at its smallest α
         out.append(row)
     return out
 
