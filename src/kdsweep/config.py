@@ -295,8 +295,9 @@ class AnalysisParams(Strict):
     α's validation rows, or one τ for every α), and the equivalence margin: a control "matches"
     only if two one-sided tests put the difference within ±margin, where the margin is
     `equivalence_fraction` of the reference's gain over the baseline at that α (score units) or,
-    with `equivalence_fraction: null`, the fixed `equivalence_margin`. `n_boot` is no longer
-    read (the multiplier's interval is a jackknife over seeds); kept so older params load."""
+    with `equivalence_fraction: null`, the fixed `equivalence_margin`. `n_boot` and `seed` are no
+    longer read (the multiplier's interval is a jackknife over seeds, nothing resamples); kept
+    so older params files load."""
 
     baseline: str = "ce"
     reference: str = "kd"
