@@ -243,11 +243,13 @@ def _paired(
     """Scores of several groups aligned by (subset_seed, train_seed) on the seeds all of them
     have (then the subset, the main source of variance, cancels), and the seeds left out because
     some group lacks them (reported, never silently turned into an unpaired test). Groups with a
-    repeated seed cannot pair: their scores as they are, unpaired."""
+    repeated seed, or with no seed in common, cannot pair: their scores as they are, unpaired."""
     keyed = [{_seed_key(r): r["score"] for r in g} for g in groups]
     if not all(len(k) == len(g) for k, g in zip(keyed, groups, strict=True)):
         return [np.array([r["score"] for r in g]) for g in groups], False, []
     common = set.intersection(*(set(k) for k in keyed))
+    if not common:  # no seed in common: nothing to pair (the table says "unpaired")
+        return [np.array([r["score"] for r in g]) for g in groups], False, []
     seeds = sorted(common, key=repr)
     missing = sorted(set().union(*(set(k) for k in keyed)) - common, key=repr)
     return [np.array([k[s] for s in seeds]) for k in keyed], True, missing
