@@ -221,7 +221,14 @@ def _plot_multiplier(an: Analysis, path: Path) -> Path:
     ax.plot([x["alpha"] for x in m], [x["multiplier"] for x in m], "-", color="C0", alpha=0.6)
     finite = [x for x in m if math.isfinite(x["ci_low"])]
     lo, hi = [x["ci_low"] for x in finite], [x["ci_high"] for x in finite]
-    ax.vlines([x["alpha"] for x in finite], lo, hi, color="C0", alpha=0.5, label="bootstrap CI")
+    ax.vlines(
+        [x["alpha"] for x in finite],
+        lo,
+        hi,
+        color="C0",
+        alpha=0.5,
+        label="linear interpolation, jackknife CI",
+    )
     styles = {
         "measured": ("o", "C0", lambda x: not x["censored"] and not x["clamped"]),
         "censored (lower bound)": ("^", "C3", lambda x: x["censored"]),
@@ -232,6 +239,19 @@ def _plot_multiplier(an: Analysis, path: Path) -> Path:
         if pts:
             xs, ys = [x["alpha"] for x in pts], [x["multiplier"] for x in pts]
             ax.scatter(xs, ys, marker=marker, s=60, color=color, label=label, zorder=3)
+    cubic = [x for x in m if not x["censored"] and not x["clamped"]]
+    if cubic:  # the interpolation model's sensitivity: the monotone cubic through the same fit
+        xs = [x["alpha"] * 1.06 for x in cubic]
+        ax.scatter(xs, [x["multiplier_pchip"] for x in cubic], marker="D", s=30, color="C4")
+        finite_c = [x for x in cubic if math.isfinite(x["ci_low_pchip"])]
+        ax.vlines(
+            [x["alpha"] * 1.06 for x in finite_c],
+            [x["ci_low_pchip"] for x in finite_c],
+            [x["ci_high_pchip"] for x in finite_c],
+            color="C4",
+            alpha=0.5,
+            label="monotone cubic (PCHIP) interpolation",
+        )
     med, lower = median_multiplier([x["multiplier"] for x in m], [x["censored"] for x in m])
     ax.axhline(
         med, color="C2", ls=":", label=f"median {med:.3g}{' (lower bound)' if lower else ''}"
