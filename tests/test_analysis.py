@@ -175,18 +175,28 @@ def write_students(root: Path, rows: list[dict[str, Any]]) -> list[str]:
 
 
 def test_verdict_needs_equivalence_to_match() -> None:
-    assert verdict(0.01, 0.05, 0.3, 0.95, 5) == "falls short"
-    assert verdict(-0.05, -0.01, 0.3, 0.95, 5) == "exceeds"
-    assert verdict(-0.003, 0.004, 0.01, 0.95, 5) == "matches"
-    # the interval contains 0 but equivalence is not shown: too noisy to tell
-    assert verdict(-0.05, 0.05, 0.4, 0.95, 5) == "inconclusive"
+    # verdict(p of the difference, advantage, TOST p, level, n, harmful)
+    assert verdict(0.01, 0.03, 0.3, 0.05, 5) == "falls short"
+    assert verdict(0.01, -0.03, 0.3, 0.05, 5) == "exceeds"
+    assert verdict(0.6, 0.001, 0.01, 0.05, 5) == "matches"
+    # no difference shown and equivalence not shown: too noisy to tell
+    assert verdict(0.6, 0.001, 0.4, 0.05, 5) == "inconclusive"
     # significant but within the margin: equivalent for the question asked
-    assert verdict(0.001, 0.004, 0.01, 0.95, 5) == "matches"
-    assert verdict(0.01, 0.05, 0.01, 0.95, 1) == "undetermined (n<2)"
+    assert verdict(0.01, 0.002, 0.01, 0.05, 5) == "matches"
+    assert verdict(0.01, 0.03, 0.01, 0.05, 1) == "undetermined (n<2)"
+    # a control below the baseline is harmful, whatever else holds
+    assert verdict(0.01, 0.03, 0.3, 0.05, 5, harmful=True) == "harmful"
+    assert verdict(0.6, 0.0, 0.01, 0.05, 5, harmful=True) == "harmful"
 
 
-def _by(rows: list[dict[str, Any]], control: str, alpha: float) -> dict[str, Any]:
-    (r,) = [r for r in rows if r["control"] == control and r["alpha"] == alpha]
+def _by(
+    rows: list[dict[str, Any]], control: str, alpha: float, role: str | None = None
+) -> dict[str, Any]:
+    """The one comparison of `control` at α (with `role`, or the control's row against KD)."""
+    roles = {role} if role else {"control", "context"}
+    (r,) = [
+        r for r in rows if r["control"] == control and r["alpha"] == alpha and r["role"] in roles
+    ]
     return r
 
 
@@ -194,11 +204,17 @@ def _by(rows: list[dict[str, Any]], control: str, alpha: float) -> dict[str, Any
 def test_verdicts_on_synthetic_controls(task: str) -> None:
     margin = 0.01 if task == "vision" else 1.0  # accuracy, or perplexity (100·(1 − acc))
     settings = AnalysisParams(
-        controls=["ls_matched", "shuffled_dk"], n_boot=100, equivalence_margin=margin
+        controls=["ls_matched", "shuffled_dk"],
+        n_boot=100,
+        equivalence_margin=margin,
+        equivalence_fraction=None,
     )
     rows = analyse(table_of(synthetic_rows(task=task)), settings).verdicts
-    assert {(r["control"], r["alpha"]) for r in rows} == {
-        (c, a) for c in ("ls_matched", "shuffled_dk") for a in (0.02, 0.1, 1.0)
+    assert {(r["control"], r["reference"], r["role"]) for r in rows if r["alpha"] == 0.02} == {
+        ("ls_matched", "kd", "control"),
+        ("ls_matched", "kd", "structure"),
+        ("shuffled_dk", "kd", "context"),
+        ("shuffled_dk", "ls_matched", "fake_vs_none"),
     }
     same = _by(rows, "ls_matched", 0.02)  # the same mean, own noise: equivalent within ±margin
     assert same["verdict"] == "matches" and same["p_equivalent"] < 0.05
@@ -207,7 +223,11 @@ def test_verdicts_on_synthetic_controls(task: str) -> None:
     assert short["share"] == pytest.approx(1 - 0.085 / 0.1305, abs=0.05)
     assert short["share_low"] < short["share"] < short["share_high"]
     assert _by(rows, "shuffled_dk", 1.0)["verdict"] == "matches"  # the gap closes at α=1
-    assert all(r["gain_significant"] and r["hypothesis"] for r in rows)
+    assert all(r["gain_significant"] for r in rows)
+    assert {r["hypothesis"] for r in rows if r["control"] == "shuffled_dk"} == {
+        None,  # against KD: context only
+        "dark_knowledge",  # against ls_matched: fake structure against none
+    }
 
 
 def test_too_noisy_a_control_is_inconclusive_not_a_match() -> None:
@@ -235,15 +255,15 @@ def test_a_control_better_than_the_reference_exceeds_it() -> None:
 
 
 def test_controls_are_read_only_where_kds_gain_is_significant() -> None:
-    rows = synthetic_rows(methods={"ce", "kd", "shuffled_dk"})
+    rows = synthetic_rows(methods={"ce", "kd", "ls"})
     for r in rows:
         if r["method"] == "kd" and r["alpha"] == 0.1:  # KD no better than CE at α=0.1
             r["test_acc"] = synthetic_acc("ce", None, None, 0.1, r["subset_seed"])
     an = analyse(table_of(rows), SETTINGS)
-    v = _by(an.verdicts, "shuffled_dk", 0.1)
+    v = _by(an.verdicts, "ls", 0.1)
     assert not v["gain_significant"] and v["share"] is None
     assert not next(g for g in an.gains if g["alpha"] == 0.1)["significant"]
-    assert an.hypotheses["dark_knowledge"]["tested_alphas"] == [0.02, 1.0]
+    assert an.hypotheses["label_smoothing"]["tested_alphas"] == [0.02, 1.0]
 
 
 def test_a_control_is_compared_with_kd_at_its_own_tau() -> None:
@@ -260,9 +280,11 @@ def test_a_control_is_compared_with_kd_at_its_own_tau() -> None:
 
 
 def test_hypothesis_assessment_reads_the_verdicts() -> None:
-    an = analyse(table_of(synthetic_rows()), SETTINGS)
+    an = analyse(
+        table_of(synthetic_rows()), SETTINGS.model_copy(update={"equivalence_fraction": None})
+    )
     h = an.hypotheses
-    assert h == hypothesis_assessment(an.verdicts)
+    assert h == hypothesis_assessment(an.verdicts, an.contrasts)
     assert set(h) == {"label_smoothing", "confidence", "dark_knowledge"}
     # ls recovers a fixed +0.005 of a gain that fades from 0.13 to 0.02: it falls short of KD
     # at every α, so universal smoothing does not explain KD's gain
@@ -272,12 +294,15 @@ def test_hypothesis_assessment_reads_the_verdicts() -> None:
     # ls_matched (the teacher's per-sample confidence, no structure) matches KD everywhere
     conf = h["confidence"]
     assert conf["supported_at"] == [0.02, 0.1, 1.0] and conf["verdict"] == "supported"
-    # shuffled_dk falls short at small α (structure matters there) but not at α=1
+    # so the class structure adds nothing to the same confidence: dark knowledge is refuted,
+    # although shuffled_dk falls short of KD at small α (that gap is the harm of a wrong
+    # structure: shuffled_dk falls short of ls_matched too)
     dk = h["dark_knowledge"]
-    assert dk["supported_at"] == [0.02, 0.1] and dk["refuted_at"] == [1.0]
-    assert dk["verdict"] == "partly supported"
-    assert dk["largest_missing_alpha"] == 0.02 and dk["largest_at_smallest_alpha"]
-    assert dk["mean_share"][0.02] < dk["mean_share"][0.1] < 0.6 < dk["mean_share"][1.0]
+    assert dk["refuted_at"] == [0.02, 0.1, 1.0] and dk["verdict"] == "refuted"
+    assert _by(an.verdicts, "shuffled_dk", 0.02)["verdict"] == "falls short"
+    assert _by(an.verdicts, "shuffled_dk", 0.02, "fake_vs_none")["verdict"] == "falls short"
+    assert dk["mean_share"] == pytest.approx(conf["mean_share"])  # ls_matched's share of KD's
+    assert dk["most_at_small_alpha"] is False  # tested (shares at 3 α), nothing shown
     # top1_teacher tests no hypothesis
     assert all("top1_teacher" not in x["controls"] for x in h.values())
 
@@ -330,7 +355,7 @@ def test_reference_with_several_taus_resolves_to_the_best_on_validation() -> Non
         if r["tau"] == 1.0:
             r["val_acc"] += 0.05
     assert Runs.from_table(table_of(rows)).resolve("kd_tau") == "kd_tau(τ=1)"
-    an = analyse(table_of(rows), AnalysisParams(reference="kd_tau"))
+    an = analyse(table_of(rows), AnalysisParams(reference="kd_tau", select="global"))
     assert an.reference == "kd_tau(τ=1)" and an.gains[0]["reference"] == "kd_tau(τ=1)"
 
 
@@ -368,9 +393,10 @@ def test_summary_metrics_are_json_and_carry_the_headline_numbers() -> None:
     assert m["multiplier"]["1"] == 1.0 and m["multiplier"]["0.02"] > 1
     assert set(m["multiplier"]) == {"0.02", "0.1", "1", "median", "median_is_lower_bound"}
     assert m["multiplier"]["median_is_lower_bound"] is True  # the censored 1.0 is the smallest
-    assert m["advantage_over_control"]["shuffled_dk"]["0.02"] > 0.05
-    assert 0.2 < m["share_of_gain"]["shuffled_dk"]["0.02"] < 0.5
-    assert m["share_of_gain"]["ls_matched"]["1"] == pytest.approx(1, abs=0.3)
+    assert m["advantage_over_control"]["shuffled_dk vs kd"]["0.02"] > 0.05
+    assert 0.2 < m["share_of_gain"]["shuffled_dk vs kd"]["0.02"] < 0.5
+    assert m["share_of_gain"]["ls_matched vs kd [confidence]"]["1"] == pytest.approx(1, abs=0.3)
+    assert m["verdict"]["shuffled_dk vs ls_matched [dark_knowledge]"]["0.02"] == "falls short"
 
 
 def test_multiplier_rows_flag_censored_and_clamped_with_intervals() -> None:
@@ -396,7 +422,16 @@ def test_analysis_params_defaults_and_bounds() -> None:
     s = AnalysisParams()
     assert (s.baseline, s.reference, s.controls) == ("ce", "kd", [])
     assert (s.n_boot, s.ci, s.seed, s.equivalence_margin) == (2000, 0.95, 0, 0.01)
-    bad_settings = ({"ci": 1.0}, {"ci": 0.0}, {"n_boot": 0}, {"equivalence_margin": 0})
+    assert (s.select, s.equivalence_fraction) == ("per_alpha", 0.1)
+    bad_settings = (
+        {"ci": 1.0},
+        {"ci": 0.0},
+        {"n_boot": 0},
+        {"equivalence_margin": 0},
+        {"equivalence_fraction": 0},
+        {"equivalence_fraction": 1.0},
+        {"select": "best"},
+    )
     for bad in (*bad_settings, {"n_bootstrap": 10}):
         with pytest.raises(ValidationError):
             AnalysisParams(**bad)
@@ -490,10 +525,214 @@ def test_hypothesis_assessment_when_the_shortfall_peaks_at_a_larger_alpha() -> N
     for r in rows:
         if r["method"] in ("ls_matched", "shuffled_dk") and r["alpha"] == 0.1:
             r["test_acc"] -= 0.08
-    h = analyse(table_of(rows), SETTINGS).hypotheses
+    an = analyse(table_of(rows), SETTINGS)
+    h = an.hypotheses
     dk = h["dark_knowledge"]
-    assert dk["supported_at"] == [0.02, 0.1] and dk["verdict"] == "partly supported"
-    assert dk["largest_missing_alpha"] == 0.1 and not dk["largest_at_smallest_alpha"]
-    assert (
-        h["confidence"]["refuted_at"] == [0.1] and h["confidence"]["verdict"] == "partly supported"
+    # ls_matched falls short of KD only at α=0.1: the structure adds there, not at 0.02
+    assert dk["supported_at"] == [0.1] and dk["refuted_at"] == [0.02]
+    assert dk["verdict"] == "partly supported"
+    # the share missing is larger at 0.1 than at 0.02: "most at small α" is not printed
+    (c,) = [
+        c for c in an.contrasts if c["hypothesis"] == "dark_knowledge" and c["large_alpha"] == 0.1
+    ]
+    assert c["difference"] > 0 and c["ci_low"] > 0
+    assert dk["most_at_small_alpha"] is False
+    assert h["confidence"]["refuted_at"] == [0.1]
+
+
+# --- the reading rules of issue #23, on default-shaped worlds ----------------------------------
+
+
+def world(
+    means: dict[tuple[str, str, float | None], dict[float, float]],
+    seeds: int = 5,
+    sd_subset: float = 0.02,
+    sd_own: float = 0.01,
+    val: dict[tuple[str, str, float | None], dict[float, float]] | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Students of (method, loss, τ) with the given mean test accuracy per α (`val`: their
+    validation accuracy where it differs), 5 nested-subset seeds: a subset effect per seed and
+    α shared by every method, plus each student's own noise."""
+    rng = np.random.default_rng(seed)
+    alphas = sorted({a for m in means.values() for a in m})
+    subset = {a: rng.normal(0, sd_subset, seeds) for a in alphas}
+    rows = []
+    for (method, loss, tau), by_alpha in means.items():
+        for alpha, mean in by_alpha.items():
+            for s in range(seeds):
+                acc = mean + subset[alpha][s] + rng.normal(0, sd_own)
+                v = acc + ((val or {}).get((method, loss, tau), {}).get(alpha, mean) - mean)
+                rows.append(
+                    run_row(
+                        run_id=f"{method}-{tau}-{alpha}-{s}",
+                        method=method,
+                        loss=loss,
+                        tau=tau,
+                        lam=None if loss == "ce" else 1.0,
+                        cache_kind=None if loss == "ce" else "full",
+                        cache_name=None if loss == "ce" else "full",
+                        alpha=alpha,
+                        subset_seed=s,
+                        test_acc=acc,
+                        val_acc=v,
+                    )
+                )
+    return rows
+
+
+CE = {0.02: 0.367, 0.2: 0.852, 1.0: 0.910}
+KD20 = {0.02: 0.681, 0.2: 0.848, 1.0: 0.853}
+KD4 = {0.02: 0.546, 0.2: 0.865, 1.0: 0.883}
+DEFAULTISH = {("ce", "ce", None): CE, ("kd", "kd", 20.0): KD20, ("kd", "kd", 4.0): KD4}
+READ = AnalysisParams(controls=["ls", "ls_teacher", "ls_matched", "shuffled_dk"])
+
+
+def test_tau_is_selected_per_alpha_on_validation_and_globally_on_request() -> None:
+    an = analyse(table_of(world(DEFAULTISH)), READ)
+    assert an.reference == "kd(τ per α)"
+    chosen = {t["alpha"]: t["chosen_tau"] for t in an.taus}
+    assert chosen == {0.02: 20.0, 0.2: 4.0, 1.0: 4.0}  # τ 20 wins only at the smallest α
+    assert {t["global"] for t in an.taus} == {"kd(τ=20)"}  # the mean over α: τ 20
+    gains = {g["alpha"]: g for g in an.gains}
+    assert gains[1.0]["reference"] == "kd(τ=4)"
+    assert gains[1.0]["gain"] == pytest.approx(KD4[1.0] / CE[1.0] - 1, abs=0.01)
+    mult = {m["alpha"]: m for m in an.multipliers}
+    assert mult[0.2]["reference"] == "kd(τ=4)" and mult[0.2]["multiplier"] > 1
+    # the selection reads validation, not test: swap the validation ranking at α=0.2
+    val = {("kd", "kd", 20.0): {0.2: 0.90}}
+    flipped = analyse(table_of(world(DEFAULTISH, val=val)), READ)
+    assert {t["alpha"]: t["chosen_tau"] for t in flipped.taus}[0.2] == 20.0
+    # one τ for every α
+    glob = analyse(table_of(world(DEFAULTISH)), READ.model_copy(update={"select": "global"}))
+    assert glob.reference == "kd(τ=20)"
+    assert {g["reference"] for g in glob.gains} == {"kd(τ=20)"}
+    assert {t["chosen"] for t in glob.taus} == {"kd(τ=20)"}
+
+
+def test_global_selection_without_a_shared_alpha_is_refused() -> None:
+    rows = world({("kd", "kd", 20.0): {0.02: 0.68}, ("kd", "kd", 4.0): {1.0: 0.88}})
+    with pytest.raises(KdsweepError, match="share no α"):
+        Runs.from_table(table_of(rows)).resolve("kd")
+    per = Runs.from_table(table_of(rows)).select("kd")
+    assert per == {0.02: "kd(τ=20)", 1.0: "kd(τ=4)"}
+
+
+def _controls(at_tau: float) -> dict[tuple[str, str, float | None], dict[float, float]]:
+    """Default-shaped controls at α 0.02 and 1 (gain of KD τ=20 at 0.02: 0.314): ls_teacher
+    significantly below CE (harmful), ls about CE, ls_matched 45% of the gain, shuffled_dk
+    below CE (a wrong structure hurts)."""
+    gain = KD20[0.02] - CE[0.02]
+    return {
+        ("ls", "ls", None): {0.02: CE[0.02] + 0.01, 1.0: CE[1.0]},
+        ("ls_teacher", "ls_teacher", at_tau): {0.02: CE[0.02] - 0.06, 1.0: CE[1.0] - 0.03},
+        ("ls_matched", "ls_matched", at_tau): {0.02: CE[0.02] + 0.45 * gain, 1.0: 0.88},
+        ("shuffled_dk", "shuffled_dk", at_tau): {0.02: CE[0.02] - 0.05, 1.0: 0.85},
+    }
+
+
+def test_a_harmful_control_supports_nothing_and_dark_knowledge_reads_ls_matched() -> None:
+    an = analyse(table_of(world(DEFAULTISH | _controls(20.0))), READ)
+    lt = _by(an.verdicts, "ls_teacher", 0.02)
+    assert lt["reference"] == "kd(τ=20)" and lt["harmful"] and lt["verdict"] == "harmful"
+    assert lt["vs_base_high"] < 0
+    h = an.hypotheses
+    assert h["label_smoothing"]["outcomes"] == {0.02: "refuted"}  # falls short + harmful
+    assert ("ls_teacher", 0.02) in h["label_smoothing"]["harmful"]
+    # shuffled_dk is below CE: harmful against KD, and it falls short of ls_matched (fake
+    # structure against none) — neither is what decides dark knowledge
+    assert _by(an.verdicts, "shuffled_dk", 0.02)["verdict"] == "harmful"
+    fake = _by(an.verdicts, "shuffled_dk", 0.02, "fake_vs_none")
+    assert fake["reference"] == "ls_matched" and fake["verdict"] == "falls short"
+    # KD beats ls_matched (the same confidence without the structure): supported at 0.02
+    structure = _by(an.verdicts, "ls_matched", 0.02, "structure")
+    assert structure["verdict"] == "falls short" and structure["share"] == pytest.approx(
+        0.45, abs=0.1
     )
+    assert h["dark_knowledge"]["outcomes"] == {0.02: "supported"}
+    # KD (τ=4, selected at α=1) is worse than CE at 1: only α=0.02 is read, so "most at small
+    # α" cannot be tested
+    assert not next(g for g in an.gains if g["alpha"] == 1.0)["significant"]
+    assert h["dark_knowledge"]["tested_alphas"] == [0.02]
+    assert h["dark_knowledge"]["most_at_small_alpha"] is None and an.contrasts == []
+
+
+def test_a_harmful_ls_matched_cannot_support_dark_knowledge() -> None:
+    means = DEFAULTISH | _controls(20.0)
+    means[("ls_matched", "ls_matched", 20.0)] = {0.02: CE[0.02] - 0.06}
+    an = analyse(table_of(world(means)), READ)
+    structure = _by(an.verdicts, "ls_matched", 0.02, "structure")
+    assert structure["advantage"] > 0.3 and structure["verdict"] == "harmful"
+    assert an.hypotheses["dark_knowledge"]["outcomes"] == {0.02: "inconclusive"}
+
+
+def test_most_at_small_alpha_needs_a_significant_difference_of_shares() -> None:
+    # KD's gain significant at 0.02 and 0.2; ls_matched recovers 30% at 0.02, 90% at 0.2
+    ce = {0.02: 0.367, 0.2: 0.80}
+    kd = {0.02: 0.681, 0.2: 0.86}
+    lsm = {a: ce[a] + share * (kd[a] - ce[a]) for a, share in ((0.02, 0.3), (0.2, 0.9))}
+    means = {("ce", "ce", None): ce, ("kd", "kd", 20.0): kd}
+    means[("ls_matched", "ls_matched", 20.0)] = lsm
+    an = analyse(table_of(world(means, sd_own=0.005)), READ)
+    dk = an.hypotheses["dark_knowledge"]
+    assert dk["tested_alphas"] == [0.02, 0.2]
+    (c,) = dk["alpha_contrasts"]
+    assert c["difference"] == pytest.approx(-0.6, abs=0.1) and c["ci_high"] < 0
+    assert dk["most_at_small_alpha"] is True
+    # the same shares at both α: tested, not shown
+    lsm_flat = {a: ce[a] + 0.5 * (kd[a] - ce[a]) for a in ce}
+    flat_world = world(means | {("ls_matched", "ls_matched", 20.0): lsm_flat}, seed=1)
+    flat = analyse(table_of(flat_world), READ)
+    assert flat.hypotheses["dark_knowledge"]["most_at_small_alpha"] is False
+
+
+def test_a_missing_seed_is_reported_and_the_rest_stay_paired() -> None:
+    rows = world(DEFAULTISH | _controls(20.0))
+    rows = [
+        r
+        for r in rows
+        if not (r["method"] == "ls_matched" and r["alpha"] == 0.02 and r["subset_seed"] == 3)
+    ]
+    an = analyse(table_of(rows), READ)
+    v = _by(an.verdicts, "ls_matched", 0.02)
+    assert v["paired"] and v["n_pairs"] == 4 and v["missing"] == [(3, 0)]
+    assert v["n_control"] == 4 and v["n_ref"] == 5 and v["share"] is not None
+    # the others keep all five seeds
+    assert (
+        _by(an.verdicts, "ls", 0.02)["n_pairs"] == 5
+        and _by(an.verdicts, "ls", 0.02)["missing"] == []
+    )
+
+
+def test_holm_adjusts_within_a_hypothesis_and_alpha() -> None:
+    an = analyse(table_of(world(DEFAULTISH | _controls(20.0))), READ)
+    ls_family = [
+        v for v in an.verdicts if v["hypothesis"] == "label_smoothing" and v["alpha"] == 0.02
+    ]
+    assert {v["family_size"] for v in ls_family} == {2}
+    for v in ls_family:
+        assert v["p_diff_holm"] >= v["p_diff"] and v["p_equivalent_holm"] >= v["p_equivalent"]
+    smallest = min(ls_family, key=lambda v: v["p_diff"])
+    assert smallest["p_diff_holm"] == pytest.approx(min(1.0, 2 * smallest["p_diff"]))
+
+
+def test_the_equivalence_margin_is_a_fraction_of_the_gain_and_says_the_seeds_a_match_needs() -> (
+    None
+):
+    means = DEFAULTISH | {("ls_matched", "ls_matched", 20.0): {0.02: KD20[0.02] - 0.005}}
+    an = analyse(table_of(world(means, sd_own=0.03)), READ)
+    v = _by(an.verdicts, "ls_matched", 0.02)
+    gain = v["ref_mean"] - np.mean(
+        [
+            r["test_acc"]
+            for r in world(means, sd_own=0.03)
+            if r["method"] == "ce" and r["alpha"] == 0.02
+        ]
+    )
+    assert v["margin"] == pytest.approx(0.1 * gain, rel=1e-6)
+    # paired SD ~0.04 against a margin ~0.03: no match at 5 seeds, and the report can say
+    # how many seeds one would need
+    assert v["verdict"] == "inconclusive" and v["n_for_match"] > 5
+    precise = analyse(table_of(world(means, sd_own=0.002)), READ)
+    w = _by(precise.verdicts, "ls_matched", 0.02)
+    assert w["verdict"] == "matches" and w["n_for_match"] <= 5

@@ -13,12 +13,16 @@ from hypothesis import strategies as st
 from kdsweep.stats import (
     data_efficiency_multiplier,
     difference,
+    difference_p,
     equivalence_p,
+    holm,
     mean_interval,
     median_multiplier,
     multiplier_interval,
     relative_gain,
+    seeds_for_equivalence,
     share,
+    share_difference,
 )
 
 SEEDS = 5  # the default seed count (DESIGN.md §6: ≥ 5)
@@ -70,6 +74,85 @@ def test_share_interval_covers_at_the_nominal_level_with_five_seeds() -> None:
         _, lo, hi = share(control, kd, ce, 0.95)
         hits += lo <= 0.4 <= hi
     assert 0.93 <= hits / reps <= 0.97
+
+
+def test_relative_gain_interval_covers_where_the_baseline_is_noisy() -> None:
+    """The default's α = 0.02: CE 0.367, KD 0.681 (+86%), CE noisy (own SD 0.04, subset 0.03).
+    Fieller's ratio interval covers 0.95; the old difference-over-the-mean interval ~0.85."""
+    rng = np.random.default_rng(6)
+    reps, hits, old_hits = 1500, 0, 0
+    truth = 0.681 / 0.367 - 1
+    for _ in range(reps):
+        subset = rng.normal(0, 0.03, SEEDS)
+        ce = 0.367 + subset + rng.normal(0, 0.04, SEEDS)
+        kd = 0.681 + subset + rng.normal(0, 0.03, SEEDS)
+        _, lo, hi = relative_gain(kd, ce, True, True, 0.95)
+        hits += lo <= truth <= hi
+        _, dlo, dhi = difference(kd, ce, True, 0.95)
+        old_hits += dlo / ce.mean() <= truth <= dhi / ce.mean()
+    assert 0.93 <= hits / reps <= 0.97, hits / reps
+    assert old_hits / reps < 0.9, old_hits / reps  # what the issue measured
+
+
+def test_share_interval_covers_on_default_shaped_data() -> None:
+    """ls_matched recovering 45% of a default-sized gain at α = 0.02, paired SD ~0.05."""
+    rng = np.random.default_rng(7)
+    reps, hits = 2000, 0
+    for _ in range(reps):
+        subset = rng.normal(0, 0.03, SEEDS)
+        ce, kd, control = (
+            m + subset + rng.normal(0, 0.03, SEEDS) for m in (0.367, 0.681, 0.367 + 0.45 * 0.314)
+        )
+        _, lo, hi = share(control, kd, ce, 0.95)
+        hits += lo <= 0.45 <= hi
+    assert 0.93 <= hits / reps <= 0.97, hits / reps
+
+
+def test_share_difference_between_alphas_covers() -> None:
+    """The same share (50%) of a large gain at α = 0.02 and a small one at 0.2, nested subsets
+    (one subset effect per seed at both α)."""
+    rng = np.random.default_rng(8)
+    reps, hits = 2000, 0
+    for _ in range(reps):
+        subset = rng.normal(0, 0.02, SEEDS)
+        groups = []
+        for ce, gain in ((0.367, 0.314), (0.80, 0.06)):
+            c, r, x = (ce + d + subset + rng.normal(0, 0.01, SEEDS) for d in (0, gain, gain / 2))
+            groups.append((x, r, c))
+        _, lo, hi = share_difference(groups[0], groups[1], 0.95)
+        hits += lo <= 0 <= hi
+    assert 0.93 <= hits / reps <= 0.97, hits / reps
+
+
+DEFAULT_A, DEFAULT_CE = [0.02, 0.05, 0.2, 1.0], [0.367, 0.567, 0.852, 0.910]
+
+
+def nested_world(
+    rng: np.random.Generator, kd: float
+) -> tuple[dict[float, dict[int, float]], dict[int, float]]:
+    """CE at the default's four α and KD at α=0.05, 5 seeds whose nested subsets shift every α
+    and both methods alike (SD 0.02), plus each student's own noise (SD 0.02)."""
+    subset = rng.normal(0, 0.02, SEEDS)
+    base = {
+        a: {s: m + subset[s] + rng.normal(0, 0.02) for s in range(SEEDS)}
+        for a, m in zip(DEFAULT_A, DEFAULT_CE, strict=True)
+    }
+    return base, {s: kd + subset[s] + rng.normal(0, 0.02) for s in range(SEEDS)}
+
+
+@pytest.mark.parametrize("interp", ["linear", "pchip"])
+def test_multiplier_interval_covers_at_five_seeds(interp: str) -> None:
+    """KD 0.813 at α = 0.05 (the default's 3.3x linear, 2.9x monotone cubic): the jackknife
+    t-interval over seeds covers the multiplier of its own interpolation at 0.93–0.97."""
+    rng = np.random.default_rng(9)
+    truth, _ = data_efficiency_multiplier(DEFAULT_A, DEFAULT_CE, 0.813, 0.05, True, None, interp)
+    assert truth == pytest.approx(3.31 if interp == "linear" else 2.89, abs=0.01)
+    reps, hits = 600, 0
+    for _ in range(reps):
+        base, ref = nested_world(rng, 0.813)
+        lo, hi, censored = multiplier_interval(base, ref, 0.05, True, 0.95, interp)
+        hits += lo <= truth <= hi and not censored
+    assert 0.93 <= hits / reps <= 0.97, hits / reps
 
 
 # --- intervals on known numbers ---------------------------------------------------------------
@@ -209,25 +292,75 @@ def test_multiplier_for_perplexity_lower_is_better() -> None:
 def test_multiplier_interval_contains_the_estimate_and_shrinks_with_the_noise() -> None:
     rng = np.random.default_rng(5)
 
-    def base(sd: float) -> dict[float, np.ndarray]:
-        return {a: acc + rng.normal(0, sd, SEEDS) for a, acc in zip(BASE_A, BASE_ACC, strict=True)}
+    def base(sd: float) -> dict[float, dict[int, float]]:
+        subset = rng.normal(0, sd, SEEDS)
+        return {
+            a: {s: acc + subset[s] + rng.normal(0, sd) for s in range(SEEDS)}
+            for a, acc in zip(BASE_A, BASE_ACC, strict=True)
+        }
 
     def width(sd: float) -> float:
-        ref = 0.6 + rng.normal(0, sd, SEEDS)
         b = base(sd)
-        m, _ = data_efficiency_multiplier(
-            BASE_A, [x.mean() for x in b.values()], ref.mean(), 0.01, True
-        )
-        lo, hi = multiplier_interval(b, ref, 0.01, True, 500, 0.95, np.random.default_rng(0))
-        assert lo <= m <= hi
+        ref = {s: 0.6 + rng.normal(0, sd) for s in range(SEEDS)}
+        means = [np.mean(list(x.values())) for x in b.values()]
+        m, _ = data_efficiency_multiplier(BASE_A, means, np.mean(list(ref.values())), 0.01, True)
+        lo, hi, censored = multiplier_interval(b, ref, 0.01, True, 0.95)
+        assert lo <= m <= hi and not censored
         return hi - lo
 
     assert width(0.002) < width(0.02)
-    one = {a: [x] for a, x in zip(BASE_A, BASE_ACC, strict=True)}
-    assert all(
-        math.isnan(x)
-        for x in multiplier_interval(one, [0.6], 0.01, True, 100, 0.95, np.random.default_rng(0))
-    )
+    two = {a: {0: x, 1: x + 0.01} for a, x in zip(BASE_A, BASE_ACC, strict=True)}
+    lo, hi, _ = multiplier_interval(two, {0: 0.6, 1: 0.61}, 0.01, True, 0.95)
+    assert math.isnan(lo) and math.isnan(hi)  # a jackknife of 2 seeds: no interval
+
+
+def test_multiplier_interval_leaves_a_seed_out_everywhere() -> None:
+    """A seed that lifts CE at every α and KD alike (its subset) moves nothing once paired:
+    with no other noise the interval is a point."""
+    lift = {0: 0.0, 1: 0.03, 2: -0.02, 3: 0.01}
+    base = {a: {s: x + d for s, d in lift.items()} for a, x in zip(BASE_A, BASE_ACC, strict=True)}
+    # KD's subset effect matches CE's in log α terms only approximately; make it exact at
+    # a grid point: KD equals CE at 0.1 for every seed
+    ref = {s: 0.7 + d for s, d in lift.items()}
+    lo, hi, censored = multiplier_interval(base, ref, 0.01, True, 0.95)
+    assert lo == pytest.approx(10.0) and hi == pytest.approx(10.0) and not censored
+    # a censored estimate censors the upper end
+    high = {s: 0.99 + d for s, d in lift.items()}
+    assert multiplier_interval(base, high, 0.01, True, 0.95)[2]
+
+
+def test_monotone_cubic_interpolation_differs_between_grid_points_only() -> None:
+    a, ce = DEFAULT_A, DEFAULT_CE
+    lin, _ = data_efficiency_multiplier(a, ce, 0.813, 0.05, True)
+    cub, _ = data_efficiency_multiplier(a, ce, 0.813, 0.05, True, interp="pchip")
+    assert lin == pytest.approx(3.31, abs=0.01) and cub == pytest.approx(2.89, abs=0.01)
+    for interp in ("linear", "pchip"):  # exact at a grid point
+        m, _ = data_efficiency_multiplier(a, ce, 0.852, 0.05, True, interp=interp)
+        assert m == pytest.approx(4.0, rel=1e-9)
+    with pytest.raises(ValueError, match="interp"):
+        data_efficiency_multiplier(a, ce, 0.8, 0.05, True, interp="cubic")
+
+
+def test_holm_on_known_p_values() -> None:
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, math.nan]) == pytest.approx([0.5, math.nan], nan_ok=True)
+    assert holm([]) == []
+
+
+def test_difference_p_is_the_t_tests() -> None:
+    a, b = [0.8, 0.82, 0.79, 0.85, 0.81], [0.7, 0.75, 0.72, 0.74, 0.7]
+    assert difference_p(a, b, True) < 0.01 and difference_p(a, a, True) == 1.0
+    assert math.isnan(difference_p([0.5], [0.4], True))
+
+
+def test_seeds_for_equivalence_grows_with_the_noise() -> None:
+    assert seeds_for_equivalence(0.005, 0.01, 0.05) == 4
+    # the issue's bound: at a paired SD of the margin, 5 seeds are too few for a match
+    assert seeds_for_equivalence(0.0105, 0.01, 0.05, power=0.5) > 5
+    n_default = seeds_for_equivalence(0.05, 0.01, 0.05)
+    assert n_default is not None and n_default > 100
+    assert seeds_for_equivalence(0.05, 0.03, 0.05) < n_default
+    assert seeds_for_equivalence(0.0, 0.01, 0.05) is None
 
 
 def test_median_multiplier_is_a_lower_bound_only_if_a_censored_value_can_move_it() -> None:

@@ -5,12 +5,14 @@
   values is just [min, max] (~75% coverage); the t-interval is exact for normal seed noise.
 - "Matches": two one-sided t-tests (TOST) against an equivalence margin, never "the interval
   contains 0" (which a noisy enough control always does).
-- Share of a gain, (control − base)/(ref − base): Fieller's interval on the seed-paired
-  differences (the inversion of the paired t-test), bounded exactly when the reference's gain
-  is itself significant at the same level.
-- Data-efficiency multiplier: the baseline curve's isotonic (PAV) fit, interpolated in log α;
-  its interval a percentile bootstrap over seeds (scipy.stats.bootstrap), the only statistic
-  here with no closed form.
+- Ratios of seed means — a relative gain ref/base − 1 and a share (control − base)/(ref − base):
+  Fieller's interval (the inversion of the paired t-test of u − θ·v), which carries the
+  denominator's uncertainty; bounded exactly when the denominator is significantly non-zero.
+- Data-efficiency multiplier: the baseline curve's isotonic (PAV) fit, interpolated in log α
+  (linearly, or by a monotone cubic: PCHIP); its interval a delete-one-seed jackknife t-interval
+  on log(multiplier), a seed (with its nested subsets, across every α and both methods) left
+  out as one unit. A percentile bootstrap of 5 seeds, resampled independently, covers ~0.88.
+- Many verdicts: Holm's step-down adjustment within a family (`holm`).
 
 Degenerate inputs follow the formulas' limits: one value gives no interval (NaN), values with
 no spread give a point interval (and an exact equivalence decision).
@@ -19,20 +21,13 @@ no spread give a point interval (and an exact equivalence decision).
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import interpolate, optimize, stats
 
 NAN = (math.nan, math.nan)
-
-
-def group_rng(seed: int, *key: Any) -> np.random.Generator:
-    """A generator for one group: depends on the seed and the group's key only, so one group's
-    interval does not change when other groups are added."""
-    return np.random.default_rng([seed, zlib.crc32(repr(key).encode())])
 
 
 def _arrays(a: Sequence[float], b: Sequence[float], paired: bool) -> tuple[np.ndarray, ...]:
@@ -106,16 +101,45 @@ def equivalence_p(a: Sequence[float], b: Sequence[float], margin: float, paired:
     return float(max(above, below))
 
 
+def _fieller(
+    u_mean: float, v_mean: float, cov: np.ndarray, df: float, ci: float
+) -> tuple[float, float]:
+    """Fieller's interval of the ratio ū/v̄: every θ for which the t-test of ū − θ·v̄ (with the
+    means' covariance `cov` = [[var ū, cov], [cov, var v̄]] and `df` degrees of freedom) does not
+    reject. NaN bounds where v̄ is not significantly non-zero (the set is then unbounded)."""
+    t2 = stats.t.ppf((1 + ci) / 2, df) ** 2
+    qa = v_mean**2 - t2 * cov[1, 1]
+    qb = u_mean * v_mean - t2 * cov[0, 1]
+    qc = u_mean**2 - t2 * cov[0, 0]
+    if qa <= 0:
+        return NAN
+    root = math.sqrt(max(qb * qb - qa * qc, 0.0))
+    return float((qb - root) / qa), float((qb + root) / qa)
+
+
 def relative_gain(
     ref: Sequence[float], base: Sequence[float], higher_is_better: bool, paired: bool, ci: float
 ) -> tuple[float, float, float]:
     """(gain, low, high) of the reference over the baseline, positive when it helps:
     (ref − base)/base for accuracy, (base − ref)/base for perplexity, on the seed means. The
-    interval is the difference's t-interval over the baseline mean (its own uncertainty is a
-    small fraction of the difference's)."""
-    d, lo, hi = difference(ref, base, paired, ci)
-    scale = (1.0 if higher_is_better else -1.0) / float(np.mean(base))
-    return d * scale, *sorted((lo * scale, hi * scale))
+    interval is Fieller's for the ratio mean(ref)/mean(base), with the seed-paired covariance
+    (or independent groups, min(n) − 1 degrees of freedom, when the seeds do not pair), so the
+    baseline mean's own uncertainty is carried (the difference over a fixed baseline mean covers
+    ~0.85 at 5 seeds where the baseline is noisy)."""
+    r, b = _arrays(ref, base, paired)
+    sign = 1.0 if higher_is_better else -1.0
+    gain = sign * (float(r.mean() / b.mean()) - 1.0)
+    if _too_few(r, b, paired):
+        return (gain, *NAN)
+    if _no_spread(r, b, paired) and _constant(b):
+        return gain, gain, gain
+    if paired:
+        cov, df = np.cov(r, b) / r.size, r.size - 1
+    else:
+        cov = np.diag([r.var(ddof=1) / r.size, b.var(ddof=1) / b.size])
+        df = min(r.size, b.size) - 1
+    lo, hi = _fieller(float(r.mean()), float(b.mean()), cov, df, ci)
+    return gain, *sorted((sign * (lo - 1.0), sign * (hi - 1.0)))
 
 
 def share(
@@ -133,15 +157,72 @@ def share(
     n = u.size
     if n < 2:
         return (point, *NAN)
-    t2 = stats.t.ppf((1 + ci) / 2, n - 1) ** 2
-    cov = np.cov(u, v) / n  # [[var ū, cov], [cov, var v̄]]
-    qa = v.mean() ** 2 - t2 * cov[1, 1]
-    qb = u.mean() * v.mean() - t2 * cov[0, 1]
-    qc = u.mean() ** 2 - t2 * cov[0, 0]
-    if qa <= 0:  # the reference's gain is not significant: the set is unbounded
-        return (point, *NAN)
-    root = math.sqrt(max(qb * qb - qa * qc, 0.0))
-    return point, float((qb - root) / qa), float((qb + root) / qa)
+    return point, *_fieller(float(u.mean()), float(v.mean()), np.cov(u, v) / n, n - 1, ci)
+
+
+def share_difference(
+    a: tuple[Sequence[float], Sequence[float], Sequence[float]],
+    b: tuple[Sequence[float], Sequence[float], Sequence[float]],
+    ci: float,
+) -> tuple[float, float, float]:
+    """(share_a − share_b, low, high) for two shares (control, ref, base) measured on the same
+    seeds (e.g. at two α, whose subsets are nested): a t-interval over seeds of the shares'
+    linearised per-seed contributions ((u_i − s·v_i)/v̄ for each), so the seeds' correlation
+    between the two is kept. NaN bounds when either gain's mean is 0 or seeds are fewer than 2."""
+    parts = []
+    for c, r, base in (a, b):
+        c, r, base = (np.asarray(x, dtype=float) for x in (c, r, base))
+        u, v = c - base, r - base
+        if v.mean() == 0:
+            return math.nan, *NAN
+        s = u.mean() / v.mean()
+        parts.append((s, (u - s * v) / v.mean()))
+    (sa, ia), (sb, ib) = parts
+    if ia.size != ib.size:
+        raise ValueError(f"share_difference needs the same seeds, got {ia.size} and {ib.size}")
+    d = sa - sb
+    if ia.size < 2:
+        return d, *NAN
+    lo, hi = stats.ttest_1samp(ia - ib, 0.0).confidence_interval(ci)
+    return float(d), float(lo + d), float(hi + d)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error ≤ the level at which they are read);
+    NaN p-values stay NaN and do not count in the family."""
+    p = np.asarray(pvalues, dtype=float)
+    ok = np.flatnonzero(~np.isnan(p))
+    out = p.copy()
+    order = ok[np.argsort(p[ok], kind="stable")]
+    m, running = order.size, 0.0
+    for i, j in enumerate(order):
+        running = max(running, min(1.0, (m - i) * p[j]))
+        out[j] = running
+    return [float(x) for x in out]
+
+
+def difference_p(a: Sequence[float], b: Sequence[float], paired: bool) -> float:
+    """Two-sided p-value of the t-test of mean a = mean b (paired or Welch); NaN with too few
+    values, 0 or 1 without spread."""
+    a, b = _arrays(a, b, paired)
+    if _too_few(a, b, paired):
+        return math.nan
+    if _no_spread(a, b, paired):
+        return 0.0 if a.mean() != b.mean() else 1.0
+    return float(_t_test(a, b, paired).pvalue)
+
+
+def seeds_for_equivalence(sd: float, margin: float, level: float, power: float = 0.8) -> int | None:
+    """The smallest seed count at which TOST (level `level`, paired, seed-difference SD `sd`)
+    declares equivalence within ±margin with probability `power` when the true difference is 0
+    (noncentral t); None beyond 10,000 seeds or without a spread."""
+    if not (sd > 0 and margin > 0) or not math.isfinite(sd):
+        return None
+    for n in range(2, 10_001):
+        crit = stats.t.ppf(1 - level, n - 1)
+        if 2 * stats.nct.sf(crit, n - 1, margin * math.sqrt(n) / sd) - 1 >= power:
+            return n
+    return None
 
 
 def monotone_curve(
@@ -158,6 +239,11 @@ def monotone_curve(
     return np.asarray(alphas, dtype=float)[order], fit
 
 
+INTERPOLATIONS = ("linear", "pchip")
+"""How the baseline's isotonic fit is interpolated in log α: piecewise linear, or the monotone
+cubic of Fritsch–Carlson (scipy.interpolate.PchipInterpolator); the report gives both."""
+
+
 def data_efficiency_multiplier(
     base_alphas: Sequence[float],
     base_scores: Sequence[float],
@@ -165,18 +251,22 @@ def data_efficiency_multiplier(
     alpha: float,
     higher_is_better: bool,
     weights: Sequence[float] | None = None,
+    interp: str = "linear",
 ) -> tuple[float, bool]:
     """(α*/α, censored): how much more data the baseline needs to reach `ref_score`.
 
     The baseline's mean scores (weighted by `weights`, e.g. seeds per α) get an isotonic fit,
-    so noise never creates a second crossing, interpolated linearly in log α; α* is its first
-    crossing of `ref_score`. Two ends cannot be measured:
+    so noise never creates a second crossing, interpolated in log α (`interp`: "linear", or
+    "pchip", a monotone cubic through the same points); α* is its first crossing of
+    `ref_score`. Two ends cannot be measured:
     - ref_score beats every fitted baseline point: censored=True and the multiplier is
       max(base_alphas)/α, a *lower bound* (the baseline never gets there on this grid);
     - ref_score is worse than the fit at the smallest α: α* is clamped to min(base_alphas)
       (censored=False), so the multiplier is then an *upper bound*; we clamp rather than
       extrapolate because a slope below the grid is unknown.
     """
+    if interp not in INTERPOLATIONS:
+        raise ValueError(f"interp must be one of {INTERPOLATIONS}, got {interp!r}")
     w = np.ones(len(base_alphas)) if weights is None else weights
     a, fit = monotone_curve(base_alphas, base_scores, w, higher_is_better)
     sign = 1.0 if higher_is_better else -1.0
@@ -186,47 +276,56 @@ def data_efficiency_multiplier(
     i = int(np.argmax(curve >= target))
     if i == 0 or curve[i] == target:
         return float(a[i] / alpha), False
-    t = (target - curve[i - 1]) / (curve[i] - curve[i - 1])
-    log_star = math.log(a[i - 1]) + t * (math.log(a[i]) - math.log(a[i - 1]))
+    x = np.log(a)
+    if interp == "linear" or a.size < 3:
+        t = (target - curve[i - 1]) / (curve[i] - curve[i - 1])
+        log_star = x[i - 1] + t * (x[i] - x[i - 1])
+    else:
+        pchip = interpolate.PchipInterpolator(x, curve)
+        log_star = optimize.brentq(lambda z: float(pchip(z)) - target, x[i - 1], x[i])
     return math.exp(log_star) / alpha, False
 
 
 def multiplier_interval(
-    base: Mapping[float, Sequence[float]],
-    ref: Sequence[float],
+    base: Mapping[float, Mapping[Any, float]],
+    ref: Mapping[Any, float],
     alpha: float,
     higher_is_better: bool,
-    n_boot: int,
     ci: float,
-    rng: np.random.Generator,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the multiplier at α: the seeds of the reference at α and
-    of the baseline at every α are resampled (each group on its own), the baseline refitted.
-    NaN with fewer than two seeds in some group. A bound equal to max(α)/α is censored (a lower
-    bound), as the point estimate would be."""
+    interp: str = "linear",
+) -> tuple[float, float, bool]:
+    """(low, high, high_censored): the delete-one-seed jackknife t-interval of log(multiplier)
+    at α. `base` maps each α to {seed: score}, `ref` is {seed: score} at α; a seed is one unit
+    (its nested subsets at every α, both methods), left out everywhere at once, so the pairing
+    and the nesting are kept. log m ± t_{n−1}·SE_jack, with n the seeds; NaN with fewer than 3
+    seeds. The upper end is censored (a lower bound) when the estimate or any leave-one-out
+    estimate is. Coverage simulated at 5 seeds in tests/test_stats.py."""
     alphas = sorted(base)
-    samples = [np.asarray(ref, dtype=float), *(np.asarray(base[a], dtype=float) for a in alphas)]
-    if min(s.size for s in samples) < 2:
-        return NAN
-    weights = [len(base[a]) for a in alphas]
+    seeds = sorted(set(ref).union(*(set(base[a]) for a in alphas)), key=repr)
+    n = len(seeds)
 
-    def statistic(r: np.ndarray, *b: np.ndarray) -> float:
-        means = [float(x.mean()) for x in b]
-        m, _ = data_efficiency_multiplier(
-            alphas, means, float(r.mean()), alpha, higher_is_better, weights
+    def estimate(keep: Sequence[Any]) -> tuple[float, bool]:
+        groups = [[base[a][s] for s in keep if s in base[a]] for a in alphas]
+        r = [ref[s] for s in keep if s in ref]
+        if not r or any(not g for g in groups):
+            return math.nan, False
+        means = [float(np.mean(g)) for g in groups]
+        weights = [len(g) for g in groups]
+        return data_efficiency_multiplier(
+            alphas, means, float(np.mean(r)), alpha, higher_is_better, weights, interp
         )
-        return m
 
-    res = stats.bootstrap(
-        samples,
-        statistic,
-        n_resamples=n_boot,
-        confidence_level=ci,
-        method="percentile",
-        vectorized=False,
-        rng=rng,
-    )
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+    if n < 3:
+        return math.nan, math.nan, False
+    point, censored = estimate(seeds)
+    loo = [estimate([s for s in seeds if s != left]) for left in seeds]
+    logs = np.log([m for m, _ in loo])
+    if not np.all(np.isfinite(logs)):
+        return math.nan, math.nan, False
+    se = math.sqrt((n - 1) / n * float(np.sum((logs - logs.mean()) ** 2)))
+    half = stats.t.ppf((1 + ci) / 2, n - 1) * se
+    high_censored = censored or any(c for _, c in loo)
+    return math.exp(math.log(point) - half), math.exp(math.log(point) + half), high_censored
 
 
 def median_multiplier(values: Sequence[float], censored: Sequence[bool]) -> tuple[float, bool]:

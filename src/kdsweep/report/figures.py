@@ -64,7 +64,7 @@ def _temperature_families(summary: Sequence[Row]) -> dict[tuple[Any, ...], dict[
     kd(τ=4) and kd_tau(τ=1, 16) form one sweep — at each α where ≥ 2 distinct τ exist."""
     fams: dict[tuple[Any, ...], dict[float, list[Row]]] = {}
     for r in summary:
-        if r["tau"] is not None:
+        if r["tau"] is not None and not r["selected"]:  # a per-α selection repeats its rows
             key = (r["loss"], r["cache_name"], r["lam"], r["topk_mode"])
             fams.setdefault(key, {}).setdefault(r["alpha"], []).append(r)
     out = {}
@@ -177,7 +177,9 @@ def _plot_curves(
 def _plot_shares(an: Analysis, path: Path) -> Path:
     """Each hypothesis control's share of the reference's gain, (control − base)/(ref − base),
     with its Fieller interval, at the α where that gain is significant: 1 recovers all of it."""
-    rows = [v for v in an.verdicts if v["share"] is not None]
+    rows = [
+        v for v in an.verdicts if v["share"] is not None and v["role"] in ("control", "context")
+    ]
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
     controls = list(dict.fromkeys(v["control"] for v in rows))
@@ -219,7 +221,14 @@ def _plot_multiplier(an: Analysis, path: Path) -> Path:
     ax.plot([x["alpha"] for x in m], [x["multiplier"] for x in m], "-", color="C0", alpha=0.6)
     finite = [x for x in m if math.isfinite(x["ci_low"])]
     lo, hi = [x["ci_low"] for x in finite], [x["ci_high"] for x in finite]
-    ax.vlines([x["alpha"] for x in finite], lo, hi, color="C0", alpha=0.5, label="bootstrap CI")
+    ax.vlines(
+        [x["alpha"] for x in finite],
+        lo,
+        hi,
+        color="C0",
+        alpha=0.5,
+        label="linear interpolation, jackknife CI",
+    )
     styles = {
         "measured": ("o", "C0", lambda x: not x["censored"] and not x["clamped"]),
         "censored (lower bound)": ("^", "C3", lambda x: x["censored"]),
@@ -230,6 +239,19 @@ def _plot_multiplier(an: Analysis, path: Path) -> Path:
         if pts:
             xs, ys = [x["alpha"] for x in pts], [x["multiplier"] for x in pts]
             ax.scatter(xs, ys, marker=marker, s=60, color=color, label=label, zorder=3)
+    cubic = [x for x in m if not x["censored"] and not x["clamped"]]
+    if cubic:  # the interpolation model's sensitivity: the monotone cubic through the same fit
+        xs = [x["alpha"] * 1.06 for x in cubic]
+        ax.scatter(xs, [x["multiplier_pchip"] for x in cubic], marker="D", s=30, color="C4")
+        finite_c = [x for x in cubic if math.isfinite(x["ci_low_pchip"])]
+        ax.vlines(
+            [x["alpha"] * 1.06 for x in finite_c],
+            [x["ci_low_pchip"] for x in finite_c],
+            [x["ci_high_pchip"] for x in finite_c],
+            color="C4",
+            alpha=0.5,
+            label="monotone cubic (PCHIP) interpolation",
+        )
     med, lower = median_multiplier([x["multiplier"] for x in m], [x["censored"] for x in m])
     ax.axhline(
         med, color="C2", ls=":", label=f"median {med:.3g}{' (lower bound)' if lower else ''}"
@@ -245,35 +267,85 @@ def _plot_multiplier(an: Analysis, path: Path) -> Path:
 
 
 def _plot_temperature(an: Analysis, path: Path) -> Path:
+    """Score vs τ at the smallest and largest α swept (one line per family of students that
+    differ only in τ), then — where the reference method sweeps τ — every τ's curve over α with
+    the τ selected at each α ringed (per α on validation, or the one global τ)."""
     fams = _temperature_families(an.summary)
     swept = sorted({a for by_alpha in fams.values() for a in by_alpha})
     panels = sorted({swept[0], swept[-1]})
-    fig = Figure(figsize=(6 * len(panels), 4))
-    axes = fig.subplots(1, len(panels), squeeze=False)
-    for ax, alpha in zip(axes[0], panels, strict=True):
-        taus = sorted({r["tau"] for by_alpha in fams.values() for r in by_alpha.get(alpha, [])})
-        x_inf = taus[-1] * 4
-        for i, (key, by_alpha) in enumerate(fams.items()):
-            rows = sorted(by_alpha.get(alpha, []), key=lambda r: r["tau"])
-            if rows:
-                loss, cache, lam, mode = key
-                lam_s = "" if lam is None else f", λ={lam:g}"
-                label = f"{loss} ({cache}{', ' + mode if mode else ''}{lam_s})"
-                _errorbar(ax, [r["tau"] for r in rows], rows, f"C{i}", "o-", label)
-        for r in (r for r in an.summary if r["loss"] == "logit_mse" and r["alpha"] == alpha):
-            _errorbar(ax, [x_inf], [r], "k", "s", f"{r['variant']} (τ=∞)")
-        base = cells(an).get((an.baseline, alpha)) if an.baseline else None
-        if base:
-            ax.axhline(base["mean"], color="grey", ls="--", label=f"{an.baseline}")
-        ax.set_xscale("log")
-        ticks = [*taus, x_inf]
-        ax.set_xticks(ticks, [f"{t:g}" for t in taus] + ["∞"])
-        ax.minorticks_off()
-        ax.set_xlabel("temperature τ")
-        ax.set_ylabel(score_label(an))
-        ax.set_title(f"α = {alpha:g}")
-        ax.legend(fontsize=7)
+    selection = [t for t in an.taus if t["method"] == an.settings.reference]
+    fig = Figure(figsize=(6 * (len(panels) + bool(selection)), 4))
+    axes = fig.subplots(1, len(panels) + bool(selection), squeeze=False)
+    for ax, alpha in zip(axes[0], panels, strict=False):
+        _tau_panel(an, ax, fams, alpha)
+    if selection:
+        _selection_panel(an, axes[0][-1], selection)
     return _save(fig, path)
+
+
+def _tau_panel(
+    an: Analysis, ax: Axes, fams: dict[tuple[Any, ...], dict[float, list[Row]]], alpha: float
+) -> None:
+    taus = sorted({r["tau"] for by_alpha in fams.values() for r in by_alpha.get(alpha, [])})
+    x_inf = taus[-1] * 4
+    for i, (key, by_alpha) in enumerate(fams.items()):
+        rows = sorted(by_alpha.get(alpha, []), key=lambda r: r["tau"])
+        if rows:
+            loss, cache, lam, mode = key
+            lam_s = "" if lam is None else f", λ={lam:g}"
+            label = f"{loss} ({cache}{', ' + mode if mode else ''}{lam_s})"
+            _errorbar(ax, [r["tau"] for r in rows], rows, f"C{i}", "o-", label)
+    for r in (r for r in an.summary if r["loss"] == "logit_mse" and r["alpha"] == alpha):
+        _errorbar(ax, [x_inf], [r], "k", "s", f"{r['variant']} (τ=∞)")
+    base = cells(an).get((an.baseline, alpha)) if an.baseline else None
+    if base:
+        ax.axhline(base["mean"], color="grey", ls="--", label=f"{an.baseline}")
+    ax.set_xscale("log")
+    ticks = [*taus, x_inf]
+    ax.set_xticks(ticks, [f"{t:g}" for t in taus] + ["∞"])
+    ax.minorticks_off()
+    ax.set_xlabel("temperature τ")
+    ax.set_ylabel(score_label(an))
+    ax.set_title(f"α = {alpha:g}")
+    ax.legend(fontsize=7)
+
+
+def _selection_panel(an: Analysis, ax: Axes, selection: Sequence[Row]) -> None:
+    """Each τ variant of the reference method over α (test score with its interval), the one
+    selected at each α ringed, the baseline dashed."""
+    by_cell = cells(an)
+    variants = [c["variant"] for c in selection[0]["candidates"]]
+    variants += [
+        c["variant"] for t in selection for c in t["candidates"] if c["variant"] not in variants
+    ]
+    for i, v in enumerate(variants):
+        rows = [by_cell[(v, t["alpha"])] for t in selection if (v, t["alpha"]) in by_cell]
+        _errorbar(ax, [r["alpha"] for r in rows], rows, f"C{i}", "o-", v)
+    chosen = [by_cell[(t["chosen"], t["alpha"])] for t in selection if t["chosen"]]
+    ax.scatter(
+        [r["alpha"] for r in chosen],
+        [r["mean"] for r in chosen],
+        s=220,
+        facecolors="none",
+        edgecolors="k",
+        lw=1.5,
+        zorder=4,
+        label="selected on validation, "
+        + ("per α" if an.settings.select == "per_alpha" else "one τ for every α"),
+    )
+    if an.baseline:
+        base = [r for r in an.summary if r["variant"] == an.baseline]
+        ax.plot(
+            [r["alpha"] for r in base],
+            [r["mean"] for r in base],
+            "--",
+            color="grey",
+            label=an.baseline,
+        )
+    _log_alpha_axis(ax)
+    ax.set_ylabel(score_label(an))
+    ax.set_title(f"{an.settings.reference}: every τ over α")
+    ax.legend(fontsize=7)
 
 
 def _errorbar(

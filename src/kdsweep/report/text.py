@@ -35,6 +35,26 @@ def _half_width(row: Row) -> float:
     return (row["ci_high"] - row["ci_low"]) / 2
 
 
+def _seed_list(seeds: Sequence[Sequence[Any]]) -> str:
+    """Missing (subset, train) seeds: "subset 3 / train 0, …"."""
+    return ", ".join(f"subset {s} / train {t}" for s, t in seeds)
+
+
+def _premises(an: Analysis) -> dict[str, dict[str, list[float]]]:
+    """Per reference variant that a hypothesis row reads (its `gain_reference`): the α it is
+    tested at and those where its gain over the baseline is significant — one premise per
+    reference, so the sentence and the rows it governs never name two different KDs."""
+    out: dict[str, dict[str, set[float]]] = {}
+    for v in an.verdicts:
+        if v["hypothesis"] is None:
+            continue
+        p = out.setdefault(v["gain_reference"], {"tested": set(), "significant": set()})
+        p["tested"].add(v["alpha"])
+        if v["gain_significant"]:
+            p["significant"].add(v["alpha"])
+    return {r: {k: sorted(x) for k, x in p.items()} for r, p in sorted(out.items())}
+
+
 _ENV = Environment(
     loader=PackageLoader("kdsweep.report"),  # kdsweep/report/templates/
     autoescape=False,  # markdown, not HTML
@@ -48,6 +68,7 @@ _ENV.filters |= {
     "number": _number,
     "alpha_set": _alpha_set,
     "half_width": _half_width,
+    "seed_list": _seed_list,
 }
 
 
@@ -77,6 +98,8 @@ def _context(
             else None
         ),
         "hypotheses": an.hypotheses,
+        "premises": (premises := _premises(an)),
+        "premise_gaps": any(p["significant"] != p["tested"] for p in premises.values()),
         "control_rows": [v for v in an.verdicts if v["hypothesis"] is None],
         "seeds_per_cell": sorted({r["n"] for r in an.summary}),
         "significant_alphas": [g["alpha"] for g in an.gains if g["significant"]],
