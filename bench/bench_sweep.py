@@ -115,7 +115,6 @@ def quick_params(raw: dict) -> dict:
     raw["cache"].update(chunk_rows=256, batch_size=256)
     raw["student"]["budget"] = {"mode": "steps", "value": 20, "min_epochs": 0}
     raw["student"]["width"] = 8
-    raw["analysis"]["n_boot"] = 100
     return raw
 
 

@@ -62,7 +62,7 @@ TINY: dict = {
         "kd_sampled4": {"loss": "kd", "tau": 1, "cache": "sampled4"},
     },
     "sweep": {"methods": ["ce", "kd"], "ablation_alphas": [0.05], "ablation_methods": ["kd_top3"]},
-    "analysis": {"controls": ["ls_matched", "shuffled_dk"], "n_boot": 200},
+    "analysis": {"controls": ["ls_matched", "shuffled_dk"]},
 }
 
 

@@ -28,9 +28,7 @@ SETTINGS = AnalysisParams(
     baseline="ce",
     reference="kd",
     controls=["ls", "ls_matched", "shuffled_dk", "top1_teacher"],
-    n_boot=400,
     ci=0.95,
-    seed=0,
 )
 
 
@@ -205,7 +203,6 @@ def test_verdicts_on_synthetic_controls(task: str) -> None:
     margin = 0.01 if task == "vision" else 1.0  # accuracy, or perplexity (100·(1 − acc))
     settings = AnalysisParams(
         controls=["ls_matched", "shuffled_dk"],
-        n_boot=100,
         equivalence_margin=margin,
         equivalence_fraction=None,
     )
@@ -236,7 +233,7 @@ def test_too_noisy_a_control_is_inconclusive_not_a_match() -> None:
     for r in rows:
         if r["method"] == "ls_matched":
             r["test_acc"] += rng.normal(0, 0.05)
-    settings = AnalysisParams(controls=["ls_matched"], n_boot=100)
+    settings = AnalysisParams(controls=["ls_matched"])
     verdicts = analyse(table_of(rows), settings).verdicts
     for v in verdicts:
         assert v["ci_low"] < 0 < v["ci_high"]  # the old reading: "matches"
@@ -248,7 +245,7 @@ def test_a_control_better_than_the_reference_exceeds_it() -> None:
     for r in rows:
         if r["method"] == "ls_matched":
             r["test_acc"] += 0.05
-    settings = AnalysisParams(reference="kd", controls=["ls_matched"], n_boot=500)
+    settings = AnalysisParams(reference="kd", controls=["ls_matched"])
     (v, *_) = analyse(table_of(rows), settings).verdicts
     assert v["verdict"] == "exceeds" and v["advantage"] == pytest.approx(-0.05, abs=0.01)
     assert v["share"] is None and not v["gain_significant"]  # no ce: no gain to share
@@ -317,7 +314,7 @@ def test_variants_label_temperature_sweeps_only() -> None:
 
 
 def test_summarize_groups_by_variant_and_alpha() -> None:
-    summary = analyse(table_of(synthetic_rows()), AnalysisParams(n_boot=500)).summary
+    summary = analyse(table_of(synthetic_rows()), AnalysisParams()).summary
     by = {(r["variant"], r["alpha"]): r for r in summary}
     ce = by[("ce", 0.1)]
     accs = [synthetic_acc("ce", None, None, 0.1, s) for s in (0, 1, 2)]
@@ -332,7 +329,7 @@ def test_summarize_groups_by_variant_and_alpha() -> None:
 
 def test_summarize_uses_perplexity_for_language_models() -> None:
     table = table_of(synthetic_rows(task="lm", methods={"ce"}))
-    summary = analyse(table, AnalysisParams(n_boot=100)).summary
+    summary = analyse(table, AnalysisParams()).summary
     assert {r["score_name"] for r in summary} == {"test_ppl"}
     accs = [synthetic_acc("ce", None, None, 0.02, s) for s in (0, 1, 2)]
     assert summary[0]["mean"] == pytest.approx(100 * (1 - np.mean(accs)))
@@ -421,12 +418,12 @@ def test_summary_metrics_without_the_baseline() -> None:
 def test_analysis_params_defaults_and_bounds() -> None:
     s = AnalysisParams()
     assert (s.baseline, s.reference, s.controls) == ("ce", "kd", [])
-    assert (s.n_boot, s.ci, s.seed, s.equivalence_margin) == (2000, 0.95, 0, 0.01)
+    assert (s.ci, s.equivalence_margin) == (0.95, 0.01)
     assert (s.select, s.equivalence_fraction) == ("per_alpha", 0.1)
     bad_settings = (
         {"ci": 1.0},
         {"ci": 0.0},
-        {"n_boot": 0},
+        {"n_boot": 100},  # nothing resamples: no bootstrap size
         {"equivalence_margin": 0},
         {"equivalence_fraction": 0},
         {"equivalence_fraction": 1.0},

@@ -45,9 +45,7 @@ def e2e_params() -> dict:
         "baseline": "ce",
         "reference": "kd",
         "controls": ["ls_matched"],
-        "n_boot": 100,
         "ci": 0.95,
-        "seed": 0,
     }
     return raw
 
@@ -216,7 +214,7 @@ def test_code_edit_marks_exactly_the_stages_that_run_it(repo: Path, rel: str, ex
         ),
         (("cache", "aug_seed"), 1, ["cache@full", "cache@top3"]),
         (("cache", "reference"), "top3", ["labels", "student@full", "student@top3"]),
-        (("analysis", "n_boot"), 50, ["aggregate", "report"]),
+        (("analysis", "ci"), 0.9, ["aggregate", "report"]),
     ],
 )
 def test_params_edit_marks_exactly_the_stages_that_read_it(repo, key, value, expected) -> None:

@@ -329,17 +329,14 @@ class AnalysisParams(Strict):
     α's validation rows, or one τ for every α), and the equivalence margin: a control "matches"
     only if two one-sided tests put the difference within ±margin, where the margin is
     `equivalence_fraction` of the reference's gain over the baseline at that α (score units) or,
-    with `equivalence_fraction: null`, the fixed `equivalence_margin`. `n_boot` and `seed` are no
-    longer read (the multiplier's interval is a jackknife over seeds, nothing resamples); kept
-    so older params files load."""
+    with `equivalence_fraction: null`, the fixed `equivalence_margin`. Nothing resamples (the
+    multiplier's interval is a jackknife over seeds), so there is no bootstrap size or seed."""
 
     baseline: str = "ce"
     reference: str = "kd"
     controls: list[str] = []
     select: Literal["per_alpha", "global"] = "per_alpha"
-    n_boot: int = Field(2000, gt=0)
     ci: float = Field(0.95, gt=0, lt=1)
-    seed: int = 0
     equivalence_margin: float = Field(0.01, gt=0)
     equivalence_fraction: float | None = Field(0.1, gt=0, lt=1)
 
