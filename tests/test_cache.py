@@ -219,9 +219,13 @@ def test_sampled_store_holds_independent_draw_sets(tmp_path):
     one_set = (pooled[:, 0] - p).abs().sum(-1).mean()
     all_sets = (pooled.mean(1) - p).abs().sum(-1).mean()
     assert all_sets < one_set / 3  # 32 sets: ~1/sqrt(32) of one set's error
-    assert cache.info()["train_bytes_per_row"] > 8 * build(
-        tmp_path / "one.zarr", StoreSpec(kind="sampled", k=4, chunk_rows=64, sample_tau=4.0)
-    ).info()["train_bytes_per_row"]  # bytes grow with R
+    assert (
+        cache.info()["train_bytes_per_row"]
+        > 8
+        * build(
+            tmp_path / "one.zarr", StoreSpec(kind="sampled", k=4, chunk_rows=64, sample_tau=4.0)
+        ).info()["train_bytes_per_row"]
+    )  # bytes grow with R
 
 
 def test_sampled_store_draws_at_its_own_tau(tmp_path):

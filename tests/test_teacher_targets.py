@@ -14,9 +14,8 @@ from kdsweep.augment import apply_aug, draw_aug
 from kdsweep.cache import build
 from kdsweep.cache.build import TAU_GRID, teacher_diagnostics
 from kdsweep.cache.summary import CacheSummary
-from kdsweep.config import ParamsError
-from kdsweep.report.diagnostics import diagnose, soft_targets_at
 from kdsweep.errors import KdsweepError
+from kdsweep.report.diagnostics import diagnose, soft_targets_at
 from kdsweep.teacher import fresh_batches
 
 
