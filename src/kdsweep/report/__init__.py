@@ -43,7 +43,7 @@ def write_report(
     fidelity = fidelity_section(table, caches, settings)
     figure = draw_fidelity(fidelity, out_dir / "figures")
     fidelity_md = render_fidelity(fidelity, figure and figure.relative_to(out_dir).as_posix())
-    atomic_write_text(path, markdown(an, caches, rel) + fidelity_md)
+    atomic_write_text(path, markdown(an, caches, rel, fidelity_md))
     return path
 
 

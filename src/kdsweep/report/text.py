@@ -127,6 +127,10 @@ def _budget(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def markdown(an: Analysis, caches: Sequence[CacheSummary], figures: Mapping[str, str]) -> str:
-    """report.md; `figures` maps the names draw_figures gives to paths relative to the report."""
-    return _ENV.get_template("report.md.j2").render(_context(an, caches, figures))
+def markdown(
+    an: Analysis, caches: Sequence[CacheSummary], figures: Mapping[str, str], fidelity: str = ""
+) -> str:
+    """report.md; `figures` maps the names draw_figures gives to paths relative to the report;
+    `fidelity`: the Cache fidelity section's markdown (kdsweep.report.fidelity)."""
+    context = _context(an, caches, figures) | {"fidelity_section": fidelity}
+    return _ENV.get_template("report.md.j2").render(context)
