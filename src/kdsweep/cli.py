@@ -69,10 +69,10 @@ def results(
     import pyarrow.compute as pc
 
     from kdsweep.errors import KdsweepError
-    from kdsweep.runs import read_runs
+    from kdsweep.runs import read_table
 
     try:
-        tbl = read_runs(path)
+        tbl = read_table(path)
     except KdsweepError as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(1) from None

@@ -518,7 +518,11 @@ class _StrictLoader(yaml.SafeLoader):
 def read_yaml(path: Path) -> Any:
     """A YAML file through `_StrictLoader`; a ParamsError naming the file otherwise."""
     try:
-        return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506
+        loader = _StrictLoader(Path(path).read_text(encoding="utf-8"))
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as err:
         raise ParamsError(f"{path} is not valid YAML: {err}") from None
     except (OSError, UnicodeDecodeError) as err:

@@ -140,17 +140,22 @@ def write_parquet(table: pa.Table, path: Path) -> None:
         pq.write_table(table, tmp)
 
 
-def read_runs(path: Path) -> pa.Table:
-    """The runs table at `path`, checked against RUN_SCHEMA (a stale file fails with advice)."""
+def read_table(path: Path) -> pa.Table:
+    """The Parquet file at `path`, as it is; a missing or corrupt file is a KdsweepError."""
     if not Path(path).exists():
         raise KdsweepError(f"{path} not found: run `dvc repro` (or `dvc repro aggregate`)")
     try:
-        table = pq.read_table(path)
+        return pq.read_table(path)
     except (pa.ArrowException, OSError) as err:
         raise KdsweepError(
             f"{path} is not a readable Parquet file ({err}): re-create it with "
             "`dvc repro -f aggregate`"
         ) from None
+
+
+def read_runs(path: Path) -> pa.Table:
+    """The runs table at `path`, checked against RUN_SCHEMA (a stale file fails with advice)."""
+    table = read_table(path)
     missing = [n for n in RUN_SCHEMA.names if n not in table.column_names]
     if missing:
         raise KdsweepError(f"{path} lacks column(s) {missing}: re-run `dvc repro aggregate`")
