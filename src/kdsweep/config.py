@@ -456,7 +456,13 @@ class Params(Strict):
         """Sizes bounded by what this machine can hold, checked before any work."""
         d = self.data
         rows = d.n_train + d.n_test
-        _fits("data.n_train", d.n_train, rows * _ROW_BYTES[DATASETS[d.name].input_rank], "its rows")
+        per_row = _ROW_BYTES[DATASETS[d.name].input_rank]
+        _fits(
+            "data.n_train",
+            d.n_train,
+            rows * per_row,
+            f"{rows:,} rows with n_test, ≥ {per_row} B each",
+        )
         for key, width in (
             ("teacher.width", self.teacher.width),
             ("student.width", self.student.width),
