@@ -11,7 +11,9 @@ from kdsweep.errors import explained_errors
 from kdsweep.io import atomic_write_text
 
 
-def main(out: Path = typer.Option(..., help="the marker to write once params.yaml is valid")) -> None:
+def main(
+    out: Path = typer.Option(..., help="the marker to write once params.yaml is valid"),
+) -> None:
     with explained_errors():
         load_params()
         atomic_write_text(out, "params.yaml is valid\n")  # constant: downstream stages keep
