@@ -299,8 +299,8 @@ def test_incomplete_store_is_refused(tmp_path):
 @pytest.mark.parametrize("version", [0, 2, 3])
 def test_older_format_version_is_refused(tmp_path, version):
     """Version 2 stores held a top-k log-sum-exp over all classes (a tail recovered by
-    cancellation) and sampled draws at τ = 1 only, version 3 one fixed draw set per row:
-    refused, with the command that rebuilds."""
+    cancellation) and sampled draws at τ = 1 only, version 3 no chunk manifest and one fixed
+    draw set per row: refused, with the command that rebuilds."""
     assert FORMAT_VERSION == 4
     build(tmp_path / "c.zarr", StoreSpec(chunk_rows=64))
     _set_attr(tmp_path / "c.zarr", "format_version", version)

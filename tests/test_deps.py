@@ -121,6 +121,8 @@ def test_every_tracked_key_is_in_each_params_file(params_file: str) -> None:
     missing = []
     for name, stage in dvc_stages().items():
         for key in stage.get("params", []):
+            if isinstance(key, dict):  # a whole params file (`params.yaml:`), not a key
+                continue
             key = key.replace("${cache.reference}", raw["cache"]["reference"])
             for store in stores if "${key}" in key else [None]:
                 k = key.replace("${key}", store) if store else key

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -166,11 +167,11 @@ def test_each_stage_declares_every_key_it_read_and_module_it_imported(repo: Path
     """The trace of the repro in the fixture: what each stage process really read and ran."""
     declared = _declared(repo)
     raw = yaml.safe_load((repo / "params.yaml").read_text())
-    by_cmd = {s["cmd"]: name for name, s in declared.items()}
+    by_cmd = {tuple(shlex.split(s["cmd"])): name for name, s in declared.items()}
     seen = set()
     for trace in sorted((repo.parent / "trace").glob("*.json")):
         t = json.loads(trace.read_text())
-        name = by_cmd["PYTHONPATH=src python " + " ".join(t["argv"])]
+        name = by_cmd[("PYTHONPATH=src", "python", *t["argv"])]
         seen.add(name)
         stage = declared[name]
         for key in t["keys"]:
@@ -210,11 +211,13 @@ def test_code_edit_marks_exactly_the_stages_that_run_it(repo: Path, rel: str, ex
         (
             ("cache", "stores", "top3", "k"),
             2,
-            ["aggregate", "cache@top3", "report", "student@top3"],
+            ["aggregate", "cache@top3", "check", "report", "student@top3"],
         ),
-        (("cache", "aug_seed"), 1, ["cache@full", "cache@top3"]),
-        (("cache", "reference"), "top3", ["labels", "student@full", "student@top3"]),
-        (("analysis", "ci"), 0.9, ["aggregate", "report"]),
+        (("cache", "aug_seed"), 1, ["cache@full", "cache@top3", "check"]),
+        (("cache", "reference"), "top3", ["check", "labels", "student@full", "student@top3"]),
+        (("analysis", "ci"), 0.9, ["aggregate", "check", "report"]),
+        # `check` reads the whole file: a key no stage reads still runs it (and fails there)
+        (("studnet",), {"width": 8}, ["check"]),
     ],
 )
 def test_params_edit_marks_exactly_the_stages_that_read_it(repo, key, value, expected) -> None:
@@ -254,7 +257,7 @@ def test_changing_one_method_reruns_students_but_no_teacher_or_cache(repo: Path)
         with edited(repo, "params.yaml", change):
             log = run(repo, "dvc", "repro")
             ran = stages_run(log)
-            assert ran == ["aggregate", "labels", "report", "student@full", "student@top3"]
+            assert ran == ["aggregate", "check", "labels", "report", "student@full", "student@top3"]
             after = _rows(repo)
             # ...but each trains only the students whose content key changed: kd's
             n_kd = sum(k[0] == "kd" for k in before)

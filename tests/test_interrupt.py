@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -339,3 +340,54 @@ def test_killed_student_stage_leaves_no_partial_results(workspace):
     finish(*args)
     assert len(json.loads(runs.read_text())) > 0
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_killed_student_stage_resumes_with_only_its_unfinished_stacks(workspace):
+    """SIGKILL after a random number of finished stacks: the re-run trains exactly the students
+    whose stack had not finished, and its runs.json equals an uninterrupted run's."""
+    raw = tiny_raw()
+    raw["alphas"] = [0.05, 0.1, 0.5, 1.0]
+    raw["sweep"]["methods"] = ["ce", "ls", "kd"]
+    raw["student"]["threads"] = 1  # the same rounding in every run
+    Path("params.yaml").write_text(yaml.safe_dump(raw))
+
+    def args(out: str) -> tuple[str, ...]:
+        return (
+            str(STAGES / "student.py"),
+            "--reference=data/logits/full.zarr",
+            "--prepared=data/prepared",
+            "--teachers=data/teachers/metrics.json",
+            f"--out=data/students/{out}",
+        )
+
+    finish(*args("reference"))
+    reference = json.loads(Path("data/students/reference/runs.json").read_text())
+    n_stacks = len({(r["alpha"], r["method"]) for r in reference})  # ce and ls at each α
+    assert n_stacks == 8 and len(reference) == 16
+    after = random.randint(1, n_stacks - 1)
+    proc = start(*args("labels"), stdout=subprocess.PIPE)
+    seen = 0
+    for line in proc.stdout:
+        seen += "students done" in line
+        if seen == after:
+            break
+    kill(proc)
+    out = Path("data/students/labels")
+    assert seen == after, f"the stage ended after {seen} stacks, before the kill"
+    assert not (out / "runs.json").exists()
+    stacks = sorted(out.glob("stack-*.json"))
+    durable = {r["student_key"] for f in stacks for r in json.loads(f.read_text())}
+    assert len(stacks) >= after and len(durable) >= 2 * after  # each reported stack is on disk
+
+    proc = start(*args("labels"), stdout=subprocess.PIPE)
+    stdout, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    line = next(x for x in stdout.splitlines() if "students, reused" in x).split()
+    trained, reused = int(line[line.index("trained") + 1]), int(line[line.index("reused") + 1])
+    assert (trained, reused) == (len(reference) - len(durable), len(durable))
+    rows = json.loads((out / "runs.json").read_text())
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rs]  # noqa: E731
+    assert strip(rows) == strip(reference)
+    assert sorted(p.name for p in out.iterdir()) == ["runs.json"]  # stack files merged away

@@ -68,14 +68,15 @@ def results(
     """Print runs.parquet as a table, filtered by method and alpha."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    if not path.exists():
-        console.print(
-            f"[red]error:[/red] {path} not found: run `dvc repro` (or `dvc repro aggregate`)"
-        )
-        raise typer.Exit(1)
-    tbl = pq.read_table(path)
+    from kdsweep.errors import KdsweepError
+    from kdsweep.runs import read_table
+
+    try:
+        tbl = read_table(path)
+    except KdsweepError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from None
     if method:
         tbl = tbl.filter(pc.is_in(tbl["method"], value_set=pa.array(method)))
     if alpha:

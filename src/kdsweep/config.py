@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import reprlib
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -60,7 +61,10 @@ class Strict(BaseModel):
     """Frozen, no unknown keys; knows its own path in params.yaml (`_path`) so that reads of its
     fields can be traced as dotted keys."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    # allow_inf_nan: every float of params.yaml is finite (an infinite τ or margin is a typo)
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, frozen=True, allow_inf_nan=False
+    )
     _path: str | None = PrivateAttr(None)  # set once the whole params tree is validated
 
     def __getattribute__(self, name: str) -> Any:
@@ -107,6 +111,39 @@ def registered(reg: Registry) -> Any:
         return value
 
     return Annotated[str, AfterValidator(check)]
+
+
+NAME = r"^[a-z][a-z0-9_]{0,63}$"
+Name = Annotated[str, Field(pattern=NAME)]
+"""A name that reaches a path, a DVC stage name or a command (stores, methods): an identifier,
+so that no value of params.yaml can carry a path separator or shell syntax (DESIGN.md §10)."""
+Device = Literal["auto", "cpu", "cuda"]
+
+# Lower bounds of the memory a value needs, so that an absurd size fails at load with its
+# estimate instead of a MemoryError (or minutes of work) later: bytes of one input row by input
+# rank (tokens, MNIST-1D rows, uint8 images) and of one parameter in training (weights, gradient,
+# two Adam moments).
+_ROW_BYTES = {1: 8, 2: 160, 3: 3 * 32 * 32}
+_PARAM_BYTES = 16
+MAX_CHUNK_ROWS = 2**24  # rows of one cache chunk or teacher batch, each held in memory whole
+
+
+def machine_bytes() -> int:
+    """Physical memory of this machine."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2**40  # unknown: bound by 1 TiB
+
+
+def _fits(key: str, value: int, need: float, what: str) -> None:
+    """Refuse `key=value` if its lower-bound estimate `need` (bytes) exceeds this machine."""
+    have = machine_bytes()
+    if need > have:
+        raise ValueError(
+            f"{key}={value} needs at least {need / 2**30:,.1f} GiB ({what}), more than this "
+            f"machine's {have / 2**30:,.1f} GiB of memory"
+        )
 
 
 def _unique(key: str, values: list[Any], allow_empty: bool = True) -> None:
@@ -157,7 +194,7 @@ class TeacherParams(Strict):
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
-    device: str = "auto"
+    device: Device = "auto"
     augment: bool = False  # train on fresh views of the data's augmentation family (AUGMENTS)
 
 
@@ -224,8 +261,8 @@ class CacheParams(Strict):
     chunk_rows: int = Field(8192, gt=0)
     batch_size: int = Field(1024, gt=0)
     aug_seed: int = 0  # seeds the cached views of every store (`views` > 1)
-    stores: dict[str, StoreParams]
-    reference: str = "full"  # the store whose test split measures agreement and KL
+    stores: dict[Name, StoreParams]
+    reference: Name = "full"  # the store whose test split measures agreement and KL
 
     @model_validator(mode="after")
     def _has_reference(self) -> CacheParams:
@@ -266,7 +303,7 @@ class StudentParams(Strict):
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     train_seeds: list[int] = [0]
-    device: str = "auto"
+    device: Device = "auto"
     stacked: Literal["auto", "on", "off"] = "auto"
     threads: int = Field(0, ge=0)  # torch CPU threads per training process; 0: its share of cores
     executor: Literal["local", "dask"] = "local"  # where stacks train (kdsweep.students.executor)
@@ -348,7 +385,7 @@ class Params(Strict):
     teacher: TeacherParams = TeacherParams()
     cache: CacheParams
     student: StudentParams = StudentParams()
-    methods: dict[str, MethodParams]
+    methods: dict[Name, MethodParams]
     sweep: SweepParams
     analysis: AnalysisParams = AnalysisParams()
 
@@ -456,8 +493,35 @@ class Params(Strict):
         for name in a.controls:
             _choice("analysis.controls method", name, self.methods)
         _unique("analysis.controls", a.controls)
+        self._sizes_fit()
         _set_paths(self)
         return self
+
+    def _sizes_fit(self) -> None:
+        """Sizes bounded by what this machine can hold, checked before any work."""
+        d = self.data
+        rows = d.n_train + d.n_test
+        per_row = _ROW_BYTES[DATASETS[d.name].input_rank]
+        _fits(
+            "data.n_train",
+            d.n_train,
+            rows * per_row,
+            f"{rows:,} rows with n_test, ≥ {per_row} B each",
+        )
+        for key, width in (
+            ("teacher.width", self.teacher.width),
+            ("student.width", self.student.width),
+        ):
+            _fits(key, width, _PARAM_BYTES * width**2, f"a {width}x{width} layer in training")
+        for key, n in (
+            ("cache.chunk_rows", self.cache.chunk_rows),
+            ("cache.batch_size", self.cache.batch_size),
+        ):
+            if n > MAX_CHUNK_ROWS:
+                raise ValueError(
+                    f"{key}={n} exceeds {MAX_CHUNK_ROWS:,} rows: each is held in memory whole "
+                    "(DESIGN.md §4: chunks of ≥ 8192 rows are enough for fast reads)"
+                )
 
 
 def _check_arch(key: str, arch: str, dataset: str) -> None:
@@ -470,6 +534,52 @@ def _check_arch(key: str, arch: str, dataset: str) -> None:
         )
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 6, 6, 80, 80
+"""Shows a bad value briefly: a message never grows with the value (a huge list, a bomb)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML without aliases (a few bytes of `&a [*a, *a, …]` nest into gigabytes) and without
+    duplicate keys (where the last would silently win; DVC refuses them too)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"alias *{event.anchor}: aliases are not allowed", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, list | dict) or key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate or unhashable key {_SHORT.repr(key)}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file through `_StrictLoader`; a ParamsError naming the file otherwise."""
+    try:
+        loader = _StrictLoader(Path(path).read_text(encoding="utf-8"))
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ParamsError(f"{path} cannot be read as UTF-8 text: {err}") from None
+
+
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -477,8 +587,13 @@ def _format_errors(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling against params.yaml's documented keys)"
+        elif e["type"] == "string_pattern_mismatch" and e["ctx"]["pattern"] == NAME:
+            msg = (
+                "not an identifier (a lowercase letter, then lowercase letters, digits or _; at "
+                "most 64): names become paths, DVC stage names and command arguments"
+            )
         value = e.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        shown = "" if isinstance(value, dict) else f" (got {_SHORT.repr(value)})"
         lines.append(f"  {key}: {msg}{shown}")
     return "invalid params:\n" + "\n".join(lines)
 
@@ -496,10 +611,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path} not found: run from the repository root")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ParamsError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
     return parse_params(raw)

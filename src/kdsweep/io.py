@@ -92,6 +92,14 @@ def atomic_path(final: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def atomic_savefig(fig: Any, path: Path, **kwargs: Any) -> None:
+    """`fig.savefig` through a temporary sibling: a full disk or a kill mid-save leaves the old
+    figure, never a truncated one. The format comes from `path`'s suffix (the temporary has none)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kwargs)
+
+
 def report_work(what: str, seconds: float) -> None:
     """Print one `kdsweep work:` line for a stage's real work (generating data, training, running
     the teacher into a cache), so that bench/bench_pipeline.py can tell it from the overhead."""

@@ -90,7 +90,14 @@ RUN_SCHEMA = pa.schema(
 
 
 def _load_rows(path: Path) -> list[dict[str, Any]]:
-    rows = json.loads(path.read_text())
+    stage = "labels" if path.parent.name == "labels" else f"student@{path.parent.name}"
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise KdsweepError(
+            f"{path} is not valid JSON ({err}): re-create it with `dvc repro -f {stage}` "
+            f"(or `dvc pull {stage}`)"
+        ) from None
     if not isinstance(rows, list):
         raise KdsweepError(f"{path}: expected a JSON list of run rows, got {type(rows).__name__}")
     expected = set(RUN_SCHEMA.names)
@@ -133,9 +140,22 @@ def write_parquet(table: pa.Table, path: Path) -> None:
         pq.write_table(table, tmp)
 
 
+def read_table(path: Path) -> pa.Table:
+    """The Parquet file at `path`, as it is; a missing or corrupt file is a KdsweepError."""
+    if not Path(path).exists():
+        raise KdsweepError(f"{path} not found: run `dvc repro` (or `dvc repro aggregate`)")
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise KdsweepError(
+            f"{path} is not a readable Parquet file ({err}): re-create it with "
+            "`dvc repro -f aggregate`"
+        ) from None
+
+
 def read_runs(path: Path) -> pa.Table:
     """The runs table at `path`, checked against RUN_SCHEMA (a stale file fails with advice)."""
-    table = pq.read_table(path)
+    table = read_table(path)
     missing = [n for n in RUN_SCHEMA.names if n not in table.column_names]
     if missing:
         raise KdsweepError(f"{path} lacks column(s) {missing}: re-run `dvc repro aggregate`")

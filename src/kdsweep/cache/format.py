@@ -17,7 +17,11 @@ Layout of `<name>.zarr` (DESIGN.md §4):
                                     softmax(logits / sample_tau))
                            online   test/logits only (float32): no training rows
 Chunks hold whole rows (`chunk_rows`), compressed by zarr's own codecs, and end in a
-Crc32cCodec, so an altered chunk raises on read instead of decoding to garbage.
+Crc32cCodec, so an altered chunk raises on read instead of decoding to garbage. A CRC does not
+bind a chunk to its place, so the root attribute `manifest` does: {split: {array: [digest of
+chunk 0's stored bytes, chunk 1's, …]}} over every array of each split group (whatever the
+kind's layout holds, `aug` included); the reader compares the digests of the chunks it reads,
+and refuses symlinks, Zarr v2 metadata and codecs outside SAFE_CODECS inside a store.
 
 Writes go to `<name>.zarr.partial`, chunk by chunk, each finished chunk recorded in
 `progress.<rank>.json`; a killed writer resumes from the last finished chunk, and the store is
@@ -26,10 +30,12 @@ renamed into place only after `complete` is set. Readers refuse anything else.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import zarr
 import zarr.codecs as zc
 
 from kdsweep import __version__
@@ -41,7 +47,8 @@ from kdsweep.registry import CACHE_KINDS
 # 2: row_shape per split (positions or views per row), aug
 # 3: topk stores the tail's own log-sum-exp (tail_logsumexp) instead of the log-sum-exp over all
 #    classes; sampled stores draw at their own τ (sample_tau).
-# 4: sampled stores hold R draw sets per row (draws); kind online. Readers refuse 3: rebuild.
+# 4: the chunk manifest (swapped, duplicated or foreign chunks and arrays are refused); sampled
+#    stores hold R draw sets per row (draws); kind online. Readers refuse 3 and older: rebuild.
 FORMAT_VERSION = 4
 REQUIRED_ATTRS = {
     "format_version",
@@ -59,7 +66,10 @@ REQUIRED_ATTRS = {
     "splits",
     "kdsweep_version",
     "complete",
+    "manifest",
 }
+# the codecs a kdsweep writer uses (`compressors`); anything else (numcodecs.pickle, …) is refused
+SAFE_CODECS = {"bytes", "blosc", "zstd", "crc32c"}
 
 
 class CacheError(KdsweepError):
@@ -128,3 +138,33 @@ def root_attrs(
         "kdsweep_version": __version__,
         "complete": False,
     }
+
+
+Manifest = dict[str, dict[str, list[str]]]
+
+
+def chunk_digest(data: bytes) -> str:
+    """The digest of one chunk's stored (encoded) bytes: cheap, no decoding."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def chunk_file(store: Path, split: str, name: str, array: zarr.Array, i: int) -> Path:
+    """The file of chunk `i` (whole rows, so chunk 0 along every other axis) of an array."""
+    key = array.metadata.encode_chunk_key((i, *[0] * (array.ndim - 1)))
+    return Path(store) / split / name / key
+
+
+def build_manifest(store: Path) -> Manifest:
+    """Every chunk digest of every array of every split of a written store, by chunk index."""
+    root = zarr.open_group(store, mode="r")
+    manifest: Manifest = {}
+    for split in root.attrs["splits"]:
+        group = root[split]
+        manifest[split] = {
+            name: [
+                chunk_digest(chunk_file(store, split, name, arr, i).read_bytes())
+                for i in range(arr.nchunks)
+            ]
+            for name, arr in sorted(group.arrays())
+        }
+    return manifest

@@ -16,7 +16,14 @@ import zarr
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
-from kdsweep.cache.format import CacheError, StoreSpec, compressors, partial_path, root_attrs
+from kdsweep.cache.format import (
+    CacheError,
+    StoreSpec,
+    build_manifest,
+    compressors,
+    partial_path,
+    root_attrs,
+)
 from kdsweep.io import atomic_write_json, remove_stale_temps
 
 
@@ -200,6 +207,7 @@ def finalize_cache(path: Path) -> None:
         f.unlink()
     for f in partial.glob(".progress.*.json.tmp*"):  # every rank is done: any temporary is stale
         f.unlink(missing_ok=True)
+    root.attrs["manifest"] = build_manifest(partial)
     root.attrs["complete"] = True
     if path.exists():
         shutil.rmtree(path)

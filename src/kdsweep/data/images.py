@@ -43,9 +43,16 @@ def _torchvision_split(
 
 
 def _load_image(path: str) -> np.ndarray:
-    with Image.open(path) as im:
-        rgb = im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-        return np.asarray(rgb, dtype=np.uint8)
+    """One image, resized; a file that is no image or a decompression bomb is a DataError."""
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+            return np.asarray(rgb, dtype=np.uint8)
+    except (Image.DecompressionBombError, OSError, ValueError) as err:
+        raise DataError(
+            f"image {path} cannot be read safely ({type(err).__name__}: {str(err)[:200]}): "
+            "remove or replace it (re-download the dataset)"
+        ) from None
 
 
 def _imagefolder_split(root: str, train: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kdsweep.data.splits import DataError, Splits
-from kdsweep.io import atomic_path, atomic_write_json
+from kdsweep.io import atomic_path, atomic_write_json, atomic_write_text
 
 
 def subset_size(alpha: float, n: int) -> int:
@@ -105,7 +105,7 @@ def write_prepared(out: Path, splits: Splits, seeds: list[int]) -> None:
         orders = {f"order_{s}": nested_order(splits.y_train, s) for s in seeds}
     else:  # token-stream prefixes: α-subsets are contiguous documents, the same for every seed
         orders = {f"order_{s}": torch.arange(n) for s in seeds}
-        (out / "tokenizer.json").write_text(splits.tokenizer_json)
+        atomic_write_text(out / "tokenizer.json", splits.tokenizer_json)
     with atomic_path(out / "dataset.safetensors") as tmp:
         save_file(tensors, tmp)
     with atomic_path(out / "subsets.safetensors") as tmp:

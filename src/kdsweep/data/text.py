@@ -50,7 +50,13 @@ def _textfile_documents(path: str | None) -> list[str]:
     """One plain-text file, documents separated by blank lines: the simplest way to bring own text."""
     if path is None or not Path(path).is_file():
         raise CorpusError(f"source 'textfile' needs path= an existing text file, got {path!r}")
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CorpusError(
+            f"data.path={path} is not UTF-8 text ({err.reason} at byte {err.start}): point "
+            "data.path at a plain-text file"
+        ) from None
     return [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
 
 

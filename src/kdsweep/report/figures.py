@@ -16,6 +16,7 @@ from matplotlib.ticker import FormatStrFormatter, PercentFormatter
 
 from kdsweep.analysis import Analysis
 from kdsweep.cache.summary import CacheSummary
+from kdsweep.io import atomic_savefig
 from kdsweep.report.common import Row, cells, score_label, variant_order
 from kdsweep.stats import median_multiplier
 
@@ -86,7 +87,7 @@ def _full_reference(summary: Sequence[Row], r: Row) -> Row | None:
 
 def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     return path
 
 

@@ -7,12 +7,14 @@ README); without one a `LocalCluster` starts with one worker process per GPU (ea
 for the worker resource "GPU": 1, so it gets a whole device) or, on a CPU machine,
 `student.dask.workers` (default 2). A stack is one task: workers open the stage's inputs from
 shared storage once and keep them across stacks, results come back as rows, and a worker that
-dies mid-stack has its stack rescheduled elsewhere by the scheduler — nothing partial is
-written, since the client alone writes runs.json, once every stack is back.
+dies mid-stack has its stack rescheduled elsewhere by the scheduler. Only the client writes:
+each stack's rows go to `done` as that stack comes back (the stage makes them durable), so no
+partial stack is ever written and a killed client loses only the stacks still out.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,14 +27,21 @@ Rows = list[dict[str, Any]]
 
 
 def run_stacks(
-    p: Params, inputs: StageInputs, run: str, stacks: list[Stack], keys: dict[int, str]
-) -> Rows:
-    """Train every stack of the stage run `run` on the configured executor; the rows in
-    `stacks` order."""
+    p: Params,
+    inputs: StageInputs,
+    run: str,
+    stacks: list[Stack],
+    keys: dict[int, str],
+    done: Callable[[Rows], None],
+) -> None:
+    """Train every stack of the stage run `run` on the configured executor, handing each
+    stack's rows to `done` as soon as that stack has finished (in any order)."""
     planned = machine(p)
     if p.student.executor == "local":
-        return [row for s in stacks for row in train_stack(p, inputs, run, s, keys, planned)]
-    return _on_dask(p, inputs, run, stacks, keys, planned)
+        for s in stacks:
+            done(train_stack(p, inputs, run, s, keys, planned))
+    else:
+        _on_dask(p, inputs, run, stacks, keys, planned, done)
 
 
 class _OneDevicePerWorker(WorkerPlugin):
@@ -51,11 +60,12 @@ def _on_dask(
     stacks: list[Stack],
     keys: dict[int, str],
     planned: dict[str, Any],
-) -> Rows:
-    from distributed import Client, LocalCluster
+    done: Callable[[Rows], None],
+) -> None:
+    from distributed import Client, LocalCluster, as_completed
 
     if not stacks:
-        return []
+        return
     d = p.student.dask
     gpus = torch.cuda.device_count() if p.student.device in ("auto", "cuda") else 0
     # a LocalCluster of ours has one "GPU" per worker; an existing cluster's workers are the
@@ -89,7 +99,8 @@ def _on_dask(
                 )
                 for n, s in enumerate(stacks)
             ]
-            return [row for rows in client.gather(futures) for row in rows]
+            for future in as_completed(futures):
+                done(future.result())
     finally:
         if cluster is not None:
             cluster.close()

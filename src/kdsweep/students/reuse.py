@@ -80,11 +80,19 @@ def student_key(
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def previous_rows(runs_json: Path) -> dict[str, dict[str, Any]]:
-    """Rows of a stage's previous output by student key; none when it is missing or unreadable
-    (reuse only saves time: a bad file just means training from scratch)."""
-    try:
-        rows = json.loads(Path(runs_json).read_text())
-        return {r["student_key"]: r for r in rows if r.get("student_key")}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return {}
+STACK_ROWS = "stack-*.json"  # one finished stack's rows, written before the stage ends
+
+
+def previous_rows(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Rows a stage's output directory already holds, by student key: its runs.json and the
+    per-stack files a killed run left. A missing or unreadable file holds none (reuse only saves
+    time: a bad file just means training its students again)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for f in [Path(out_dir) / "runs.json", *sorted(Path(out_dir).glob(STACK_ROWS))]:
+        try:
+            rows.update(
+                (r["student_key"], r) for r in json.loads(f.read_text()) if r.get("student_key")
+            )
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            continue
+    return rows

@@ -1,17 +1,23 @@
 """One student stage (`student@<store>` or `labels`), end to end: plan its students, reuse the
 rows its previous output already holds (kdsweep.students.reuse), train the rest on the
-configured executor (kdsweep.students.executor), and write `runs.json` atomically."""
+configured executor (kdsweep.students.executor), and write `runs.json` atomically.
+
+Kill-safe: each stack's rows are written to `stack-<key>.json` in the output directory as soon
+as that stack finishes (atomically; the directory is a `persist: true` DVC output, so they
+survive a killed `dvc repro`), and a re-run reuses them like runs.json's rows. They are merged
+into runs.json and removed only once every stack is done."""
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import astuple
 from pathlib import Path
+from typing import Any
 
 from kdsweep.config import Params, ParamsError
-from kdsweep.io import atomic_write_json
+from kdsweep.io import atomic_write_json, remove_stale_temps
 from kdsweep.students.executor import run_stacks
-from kdsweep.students.reuse import previous_rows
+from kdsweep.students.reuse import STACK_ROWS, previous_rows
 from kdsweep.students.train import (
     Stack,
     StageInputs,
@@ -32,7 +38,8 @@ def run_student_stage(p: Params, inputs: StageInputs, out_dir: Path) -> Path:
         )
     if (store is None) != (inputs.logits is None):
         raise ParamsError("a student stage reads a store exactly when it is given one")
-    out = Path(out_dir) / "runs.json"
+    out_dir = Path(out_dir)
+    out = out_dir / "runs.json"
     # workers of an existing cluster start elsewhere: they get absolute paths
     inputs = StageInputs(
         *(Path(v).resolve() if isinstance(v, Path) else v for v in astuple(inputs))
@@ -42,15 +49,25 @@ def run_student_stage(p: Params, inputs: StageInputs, out_dir: Path) -> Path:
     sd = stage_data(p, inputs, run)
     stacks = plan_stacks(p, sd, jobs)
     keys = student_keys(p, store, sd, jobs, stacks)
-    have = previous_rows(out)
+    have = previous_rows(out_dir)
     todo = [Stack(tuple(i for i in s.members if keys[i] not in have), s.path) for s in stacks]
     todo = [s for s in todo if s.members]
-    trained = {r["student_key"]: r for r in run_stacks(p, inputs, run, todo, dict(enumerate(keys)))}
+
+    def durable(rows: list[dict[str, Any]]) -> None:
+        """Make one finished stack's rows survive a kill of the rest of the stage."""
+        atomic_write_json(out_dir / STACK_ROWS.replace("*", rows[0]["student_key"]), rows)
+        have.update((r["student_key"], r) for r in rows)
+        print(f"{out_dir}: stack of {len(rows)} students done", flush=True)
+
+    run_stacks(p, inputs, run, todo, dict(enumerate(keys)), durable)
     n_new = sum(len(s.members) for s in todo)
     print(
         f"{out_dir}: trained {n_new} students, reused {len(jobs) - n_new} "
         f"(executor: {p.student.executor})",
         flush=True,
     )
-    atomic_write_json(out, [trained.get(k) or have[k] for k in keys])
+    atomic_write_json(out, [have[k] for k in keys])
+    for f in out_dir.glob(STACK_ROWS):  # merged: the DVC output is runs.json alone
+        f.unlink()
+    remove_stale_temps(out_dir)  # what a kill inside a stack file's write left
     return out
