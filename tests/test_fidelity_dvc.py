@@ -54,7 +54,7 @@ def test_fidelity_params_run_through_dvc_with_the_fidelity_section(tmp_path: Pat
     assert len(runs) == len(methods) * 2 * 3
     online = [r for r in runs if r["method"] == "kd_online"]
     assert {r["cache_kind"] for r in online} == {"online"}
-    assert {r["train_path"] for r in online} == {"sequential"}  # a fresh view every step
+    assert {r["train_path"] for r in online} == {"stacked"}  # fresh views stack too
 
     report = (repo / "reports/report.md").read_text()
     assert "## Cache fidelity" in report and "teacher run online on every batch" in report

@@ -122,7 +122,7 @@ def test_fresh_views_reach_online_students_and_students_of_labels(workspace):
     build_online(workspace, raw)
     p = parse_params(raw)
     rows = json.loads(student_stage(p, workspace, "online").read_text())
-    assert {r["train_path"] for r in rows} == {"sequential"} and len(rows) == 4
+    assert {r["train_path"] for r in rows} == {"stacked"} and len(rows) == 4  # views stack too
     fresh_ce = json.loads(student_stage(p, workspace, None).read_text())
     clean = parse_params(online_raw())
     (workspace / "data/students/labels/runs.json").unlink()

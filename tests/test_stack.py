@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kdsweep.augment import SHIFT_SCALE_NOISE
 from kdsweep.losses import student_loss
 from kdsweep.models import build_model
 from kdsweep.registry import ARCHS
@@ -43,19 +44,24 @@ def _factory(arch: str, width: int):
 
 
 @pytest.mark.parametrize(
-    ("arch", "width", "loss", "kind", "best_val"),
+    ("arch", "width", "loss", "kind", "best_val", "views"),
     [
-        ("mlp", 16, "ce", None, False),
-        ("mlp", 16, "kd", "full", False),
-        ("cnn1d", 8, "kd", "full", False),
-        ("mlp", 16, "ce", None, True),
-        ("mlp", 16, "kd", "full", True),
-        ("mlp", 16, "kd", "sampled", False),  # R draw sets: one picked per row and step
-        ("mlp", 16, "kd", "online", False),  # the teacher run on every step's inputs
+        ("mlp", 16, "ce", None, False, None),
+        ("mlp", 16, "kd", "full", False, None),
+        ("cnn1d", 8, "kd", "full", False, None),
+        ("mlp", 16, "ce", None, True, None),
+        ("mlp", 16, "kd", "full", True, None),
+        ("mlp", 16, "kd", "sampled", False, None),  # R draw sets: one picked per row and step
+        ("mlp", 16, "kd", "online", False, None),  # the teacher run on every step's inputs
+        ("cnn1d", 8, "kd", "full", False, "cached"),  # each student replays its cached views
+        ("mlp", 16, "kd", "sampled", False, "cached"),  # a view, then a draw set of it
+        ("mlp", 16, "ce", None, False, "cached"),  # labels on the reference store's views
+        ("mlp", 16, "ce", None, False, "fresh"),  # a fresh view per sample and step
+        ("cnn1d", 8, "kd", "online", False, "fresh"),  # ... labelled by the teacher there
     ],
 )
 def test_stacked_equals_sequential_fit(
-    arch: str, width: int, loss: str, kind: str | None, best_val: bool
+    arch: str, width: int, loss: str, kind: str | None, best_val: bool, views: str | None
 ) -> None:
     """Also under best_val selection, where each student of the stack keeps its own best step
     (validation rows of random labels and a high learning rate: they overfit early)."""
@@ -75,6 +81,13 @@ def test_stacked_equals_sequential_fit(
             "weights": torch.full(indices.shape, 0.25, dtype=F64),
         }
         drawn = ("indices", "weights")
+    aug = None
+    if views == "cached":  # 3 views a row: the teacher rows gain a view axis after the row's
+        aug = SHIFT_SCALE_NOISE.draw(3 * N, 3, seed=4).view(3, N, 3, 3)
+        targets = {
+            m: t if m == "y" else torch.stack([t, t.roll(1, 1), t.flip(1)], 2)
+            for m, t in targets.items()
+        }
     lam, taus = [0.9, 0.5, 1.0], [1.0, 2.0, 4.0]
     hyper = {"lam": torch.tensor(lam, dtype=F64), "tau": torch.tensor(taus, dtype=F64)}
     fn = stacked_student_loss(loss, kind, 0.0)
@@ -95,19 +108,24 @@ def test_stacked_equals_sequential_fit(
         select=select,
         teacher=teacher,
         drawn=drawn,
+        aug=aug,
+        fresh=views == "fresh",
     )
     for k, seed in enumerate(SEEDS):
         torch.manual_seed(seed)  # as students.train.train_one initialises a student
         model = _factory(arch, width)(seed)
         mine = {name: t[k] for name, t in targets.items() if name != "y"}
-        rows = TeacherTargets(kind, mine) if kind else NO_TARGETS
+        mine |= {"aug": aug[k]} if aug is not None else {}
+        rows = TeacherTargets(kind, mine)
 
         def loss_fn(z: torch.Tensor, ctx: tuple, k=k) -> torch.Tensor:
             y, t = ctx
             return student_loss(loss, z, y, t, lam[k], taus[k], 0.0)[0]
 
         # as train_one feeds `fit`
-        batch = ViewBatches(xs[k], targets["y"][k], rows, seed, teacher=teacher, drawn=drawn)
+        batch = ViewBatches(
+            xs[k], targets["y"][k], rows, seed, views == "fresh", teacher=teacher, drawn=drawn
+        )
         one = BestVal(xv[k : k + 1], yv[k : k + 1], every=2) if select else None
         fit(model, xs[k], loss_fn, STEPS, BS, lr, 0.1, seed, batch=batch, select=one)
         if select is not None:
@@ -165,9 +183,10 @@ def test_stack_subsets_layout() -> None:
     sx, st = stack_subsets(parts)
     assert torch.equal(sx, xs) and torch.equal(st["y"], targets["y"])
     assert torch.equal(st["logits"], targets["logits"])
-    aug = TeacherTargets("full", {"logits": targets["logits"][0], "aug": torch.zeros(N, 2, 3)})
-    with pytest.raises(ValueError, match="augmented"):
-        stack_subsets([(xs[0], targets["y"][0], aug)])
+    views = torch.arange(N * 2 * 3).view(N, 2, 3)
+    aug = TeacherTargets("full", {"logits": targets["logits"][0], "aug": views})
+    _, st = stack_subsets([(xs[0], targets["y"][0], aug)] * 2)  # the views' parameters stack too
+    assert torch.equal(st["aug"], torch.stack([views, views]))
 
 
 def test_non_finite_loss_names_the_student() -> None:

@@ -51,7 +51,7 @@ def test_cifar100_params_file_runs_on_generated_cifar_data_with_views(tmp_path, 
     raw = shrink(yaml.safe_load((REPO / "params/cifar100.yaml").read_text()))
     raw["data"].update(root=str(tmp_path / "raw"), n_train=120, n_test=20)
     raw["teacher"].update(arch="resnet20", width=4)
-    raw["student"].update(arch="resnet20", width=4)
+    raw["student"].update(arch="resnet20", width=4, stacked="off")  # ViewBatches, spied below
     raw["alphas"] = [1.0]
     raw["cache"]["stores"] = {
         "full": {"teacher": "main", "kind": "full", "dtype": "float32", "views": 2}
@@ -89,9 +89,9 @@ def test_cifar100_params_file_runs_on_generated_cifar_data_with_views(tmp_path, 
     seen = []  # the teacher rows of every student's batches
     init = ViewBatches.__init__
 
-    def spy(self, x, y, t, seed):
+    def spy(self, x, y, t, *args):
         seen.append(t)
-        init(self, x, y, t, seed)
+        init(self, x, y, t, *args)
 
     monkeypatch.setattr(ViewBatches, "__init__", spy)
     out = run_students(p, tmp_path)
@@ -104,7 +104,7 @@ def test_cifar100_params_file_runs_on_generated_cifar_data_with_views(tmp_path, 
     assert len(out) == expected_rows(p) and {r["dataset"] for r in out} == {"cifar100"}
     assert all(0 <= r["agreement"] <= 1 for r in out)
     kd = [r for r in out if r["cache_name"] == "full"]
-    assert kd and all(r["train_path"] == "sequential" for r in kd)  # views: one at a time
+    assert kd and all(r["train_path"] == "sequential" for r in kd)  # stacked: off
     summary = json.loads((data / "summaries/full.json").read_text())
     assert summary["views"] == views and summary["diagnostic_rows"] == n
     assert 0 <= summary["teacher_view_acc"] <= 1 and summary["soft_targets"]

@@ -4,7 +4,8 @@ students whose key its previous output (`runs.json`, a persisted DVC output) doe
 The key covers everything that decides a student's row: its recipe (loss, λ, τ, ε, top-k mode),
 α and seeds, the student params that shape training, the exact rows it reads (the data
 fingerprint and its subset's row ids, a content hash of the cache rows and of the reference
-store's test outputs), how it trains (device type, CPU threads, stacked or sequential — each
+store's test outputs, an online store's teacher weights, the views it sees: cached, fresh or
+none), how it trains (device type, CPU threads, stacked or sequential — each
 rounds differently), the torch version, and the source of the code on its path: the student
 stage's imports plus the registry modules *this* student uses (its architecture, its loss or
 control, its cache kind). So a reused row is the row a from-scratch run would write (on a CPU:
@@ -71,6 +72,9 @@ def student_key(
         "student": p.student.recipe(),
         "teacher_arch": p.teacher.arch,
         "store": {"name": store, **spec.model_dump(mode="json")} if spec else None,
+        # the inputs it sees: its store's views, or (labels) the reference store's: fresh views
+        # leave no fingerprint in the rows
+        "views": p.cache.stores[store or p.cache.reference].views,
         "rows": hashlib.sha256(rows.numpy().tobytes()).hexdigest(),
         "fingerprints": fingerprints,
         "placement": placement,

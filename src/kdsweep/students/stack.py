@@ -25,6 +25,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm import tqdm
 
+from kdsweep.augment import family_for
 from kdsweep.losses import student_loss
 from kdsweep.targets import TeacherTargets, pick_draw
 from kdsweep.train import AdamW, BestVal, NonFiniteLoss, flushed_denormals
@@ -64,6 +65,8 @@ def fit_stacked(
     select: BestVal | None = None,
     teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
     drawn: tuple[str, ...] = (),
+    aug: torch.Tensor | None = None,
+    fresh: bool = False,
 ) -> StackedFit:
     """Train K = len(seeds) students at once; student k is the one `train.fit` would train with
     `seed=seeds[k]` on inputs `xs[k]` and targets `{name: t[k]}` (and `select` its validation
@@ -75,7 +78,12 @@ def fit_stacked(
     teacher: an online store's network, run on every step's inputs of all K students at once
     (its logits become the target "logits"); drawn: the targets with a draw axis [K, n, R, k]
     (a sampled store), of which each sample gets one set per step from its student's own
-    generator, as `targets.ViewBatches` picks them.
+    generator, as `targets.ViewBatches` picks them. aug: [K, n, V, 3] the parameters of each
+    student's cached views (its targets then carry the view axis [K, n, V, ...]): each sample
+    gets one of its row's views per step; fresh: each sample gets a fresh view of the data's
+    augmentation family per step. Views are drawn from each student's own generator and applied
+    to the whole stack's batch at once (the families work row by row, so batching changes no
+    value).
     The global RNG is seeded with `seeds[k]` right before `model_factory(seeds[k])`, as `train_one`
     does before `build_model`. On CUDA the forward runs under bf16 autocast, as in `fit`.
     """
@@ -118,6 +126,8 @@ def fit_stacked(
     draw_gens = [torch.Generator().manual_seed(s) for s in seeds]  # ViewBatches' own stream
     opt = AdamW(params.values(), lr, weight_decay, steps)
     rows = torch.arange(k, device=device)[:, None]
+    cols = torch.arange(min(batch_size, n), device=device)[None, :]
+    family = family_for(xs[0]) if aug is not None or fresh else None
     neg = torch.zeros(k, device=device)
     terms = 0
     t0 = time.perf_counter()
@@ -134,6 +144,19 @@ def fit_stacked(
             pos += bs
             xb = xs[rows, idx]
             batch = {m: t[rows, idx] for m, t in targets.items()}
+            if aug is not None:
+                view = torch.stack(
+                    [torch.randint(0, aug.shape[2], (bs,), generator=g) for g in draw_gens]
+                ).to(device)
+                batch = {
+                    m: t[rows, cols, view] if m != "y" or t.dim() == 3 else t
+                    for m, t in batch.items()
+                }
+                shown = aug[rows, idx, view]
+                xb = family.apply(xb.flatten(0, 1), shown.flatten(0, 1)).view_as(xb)
+            elif fresh:
+                shown = torch.stack([family.draw(bs, 1, g)[:, 0] for g in draw_gens])
+                xb = family.apply(xb.flatten(0, 1), shown.flatten(0, 1)).view_as(xb)
             if drawn:
                 r = batch[drawn[0]].shape[-2]
                 d = torch.stack([torch.randint(0, r, (bs,), generator=g) for g in draw_gens])
@@ -197,13 +220,11 @@ def stack_subsets(
     parts: list[tuple[torch.Tensor, torch.Tensor, TeacherTargets]],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Stack each student's (x, y, teacher rows), as `train.student_data` returns them, into
-    `fit_stacked`'s xs and targets. Caches of augmented views are not stacked: `ViewBatches`
-    draws a view per sample from its own generator, which a stack does not replay."""
+    `fit_stacked`'s xs and targets (the views' parameters, when the rows have some, as the
+    target "aug": `fit_stacked` takes them as its `aug`)."""
     sizes = {len(x) for x, _, _ in parts}
     if len(sizes) != 1:
         raise ValueError(f"stacked students need subsets of one size (one α), got sizes {sizes}")
-    if any("aug" in t.tensors for _, _, t in parts):
-        raise ValueError("caches of augmented views train one student at a time")
     xs = torch.stack([x for x, _, _ in parts])
     targets = {"y": torch.stack([y for _, y, _ in parts])}
     for name in parts[0][2].tensors:

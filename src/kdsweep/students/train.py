@@ -235,13 +235,9 @@ def plan_stacks(p: Params, sd: StageData, jobs: list[StudentJob]) -> list[Stack]
     for i, job in enumerate(jobs):
         groups.setdefault(stack_key(job, sd.train), []).append(i)
     vmappable = ARCHS[p.student.arch].vmappable
-    views = "aug" in sd.train.tensors or sd.fresh  # a view per sample and step: one at a time
     return [
         Stack(
-            tuple(members),
-            "sequential"
-            if views
-            else choose_path(device, probe, vmappable, len(members), p.student.stacked),
+            tuple(members), choose_path(device, probe, vmappable, len(members), p.student.stacked)
         )
         for members in groups.values()
     ]
@@ -312,7 +308,9 @@ def train_stack(
         padded = members * 2 if len(members) == 1 else members
         probe = _student_model(p, num_classes, sd.prep.splits.x_train, seed=0)
         key = stack_key(members[0], sd.train)
-        trained = _fit_stack(p, key, padded, part, val, probe, num_classes, device, teacher)
+        trained = _fit_stack(
+            p, key, padded, part, val, probe, num_classes, device, teacher, sd.fresh
+        )
         trained = trained[: len(members)]
     else:
         trained = [
@@ -349,10 +347,12 @@ def _fit_stack(
     num_classes: int,
     device: torch.device,
     teacher: nn.Module | None = None,
+    fresh: bool = False,
 ) -> list[Trained]:
     """Stacked training of students sharing `key`, in groups that fit memory (half the free GPU
     memory, 4 GiB on a CPU); `part(job)` builds a student's inputs, labels and teacher rows,
-    `val(job)` its validation rows; `teacher`: an online store's, run on every step's inputs.
+    `val(job)` its validation rows; `teacher`: an online store's, run on every step's inputs;
+    `fresh`: a fresh augmented view per sample and step (cached views come with the rows).
 
     A student's footprint is estimated as parameters + gradients + AdamW state (16 bytes a
     parameter) plus its subset, targets and a generous allowance for activations.
@@ -371,6 +371,7 @@ def _fit_stack(
     out: list[Trained] = []
     for group in memory_groups(len(jobs), 16 * n_params + data_bytes + act, budget):
         xs, targets = stack_subsets([part(jobs[i]) for i in group])
+        aug = targets.pop("aug", None)
         hyper = {
             "lam": torch.tensor([jobs[i].m.lam for i in group], dtype=torch.float64),
             "tau": torch.tensor([jobs[i].tau for i in group], dtype=torch.float64),
@@ -391,6 +392,8 @@ def _fit_stack(
             select=select,
             teacher=teacher,
             drawn=_drawn(kind),
+            aug=aug.to(device) if aug is not None else None,
+            fresh=fresh,
         )
         share = res.seconds / len(group)
         out += [
