@@ -10,10 +10,10 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from kdsweep.cache.summary import CacheSummary
 from kdsweep.config import AnalysisParams
 from kdsweep.errors import KdsweepError
 from kdsweep.report.fidelity import draw_fidelity, fidelity_section, render_fidelity
+from tests.test_report import _summary
 
 SETTINGS = AnalysisParams()  # baseline ce, reference kd, ci 0.95
 SEEDS = range(5)
@@ -65,22 +65,6 @@ def _group(
             | metric
         )
     return out
-
-
-def _summary(name: str, kind: str, k: int | None, bytes_per_row: float) -> CacheSummary:
-    return CacheSummary(
-        name=name,
-        kind=kind,
-        k=k,
-        dtype="float16",
-        teacher="main",
-        bytes_on_disk=1000,
-        bytes_per_row=2 * bytes_per_row,  # train + test rows: the section reads training rows
-        train_bytes_per_row=bytes_per_row,
-        compression_ratio=1.0,
-        teacher_test_acc=0.9,
-        num_rows=1000,
-    )
 
 
 SUMMARIES = [
@@ -214,11 +198,7 @@ def test_language_model_perplexity_points_down() -> None:
 
 
 def test_markdown_figure_and_draws(tmp_path: Path) -> None:
-    @dataclasses.dataclass(frozen=True)
-    class WithDraws(CacheSummary):  # the lead's CacheSummary gains draws and views="fresh"
-        draws: int = 1
-
-    sums = [*SUMMARIES[:2], WithDraws(**dataclasses.asdict(SUMMARIES[2]) | {"draws": 8})]
+    sums = [*SUMMARIES[:2], dataclasses.replace(SUMMARIES[2], draws=8)]
     runs = _runs() + _runs(alpha=1.0)
     sec = fidelity_section(runs, sums, SETTINGS)
     assert sec["alphas"] == [0.02, 1.0] and len(sec["sentences"]) == 2

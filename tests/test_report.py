@@ -31,6 +31,7 @@ def _summary(name: str, kind: str, k: int | None, bytes_per_row: float) -> Cache
         compression_ratio=1.5,
         teacher_test_acc=0.97 if kind == "full" else None,
         num_rows=50000,
+        train_bytes_per_row=bytes_per_row,
     )
 
 
@@ -85,6 +86,7 @@ def test_full_report(tmp_path: Path) -> None:
         "temperature_sweep.png",
         "cache_ablation.png",
         "validation_curves.png",
+        "fidelity.png",  # the cache fidelity section's bytes against retained share
     }
     # the budget is stated per α, with the curves that show it
     assert "ends at its last step (`budget.select: last`)" in md
@@ -97,6 +99,7 @@ def test_full_report(tmp_path: Path) -> None:
         "### 1. Universal smoothing (the label-smoothing hypothesis)",
         "### 2. Instance-specific confidence",
         "### 3. Class relationships (dark knowledge)",
+        "## Cache fidelity",
         "### Other controls",
         "## Fidelity and calibration",
         "## Training budget",

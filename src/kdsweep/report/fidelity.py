@@ -17,7 +17,6 @@ Plain numpy/pyarrow + matplotlib: no torch, like the rest of the report.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from kdsweep.analysis import primary_score
 from kdsweep.cache.summary import CacheSummary
 from kdsweep.config import AnalysisParams
 from kdsweep.errors import KdsweepError
-from kdsweep.io import temp_path
+from kdsweep.io import atomic_savefig
 from kdsweep.stats import difference, share
 
 THRESHOLD = 0.9  # "retains the gain": the cheapest store whose share reaches this is named
@@ -293,7 +292,7 @@ def draw_fidelity(section: Mapping[str, Any], out_dir: Path) -> Path | None:
     α, one point per store and method (its interval as bars), dashed lines at THRESHOLD and 100%.
     None (and no file) where no share is defined there. Written atomically."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FormatStrFormatter, PercentFormatter
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter, PercentFormatter
 
     alpha = section["figure_alpha"]
     pts = [
@@ -305,7 +304,7 @@ def draw_fidelity(section: Mapping[str, Any], out_dir: Path) -> Path | None:
     ]
     if alpha is None or not pts:
         return None
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(9.5, 4.5))
     ax = fig.subplots()
     for i, (g, c) in enumerate(pts):
         lo, hi = c["low"], c["high"]
@@ -321,22 +320,17 @@ def draw_fidelity(section: Mapping[str, Any], out_dir: Path) -> Path | None:
     ax.axhline(1.0, color="k", ls="--", lw=0.9, label="all of the reference's gain")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
-    ax.set_xlabel("bytes per row on disk (compressed)")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("bytes per training row on disk (compressed; views and draw sets included)")
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ref = section["reference"]
     ax.set_ylabel(f"share of {ref['method']}'s gain over {section['baseline']}")
     ax.set_title(f"cache fidelity at α = {alpha:g} ({section['ci']:.0%} Fieller intervals)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "fidelity.png"
-    tmp = temp_path(path)
-    try:
-        fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_savefig(fig, path, dpi=120)
     return path
