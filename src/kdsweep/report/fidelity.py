@@ -226,7 +226,7 @@ def _sentence(section: Mapping[str, Any], i: int, alpha: float) -> str:
     if not cands:
         statuses = {g["cells"][i]["status"] for g in section["rows"] if not g["is_reference"]}
         why = next(iter(statuses)) if len(statuses) == 1 else "n/a: no share defined"
-        return f"{head} {why}."
+        return f"{head} {'no store but the reference ran here' if why == '—' else why}."
     t = section["threshold"]
 
     def name(g: Row, c: Row) -> str:
