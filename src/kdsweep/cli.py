@@ -109,15 +109,14 @@ def student(
 
     with explained_errors():
         p = load_params(params)
+        spec = p.cache.stores.get(store)  # an unknown store: run_student_stage says so
         inputs = StageInputs(
             data / "prepared",
             data / "teachers" / "metrics.json",
             data / "logits" / f"{p.cache.reference}.zarr",
             None if store == "labels" else store,
             None if store == "labels" else data / "logits" / f"{store}.zarr",
-            None
-            if store == "labels"
-            else data / "teachers" / f"{p.cache.stores[store].teacher}.safetensors",
+            data / "teachers" / f"{spec.teacher}.safetensors" if spec else None,
         )
         out = run_student_stage(p, inputs, out_dir)
     console.print(f"wrote {out}")
