@@ -42,7 +42,7 @@ def make_data(k: int, n: int, device: torch.device) -> tuple[torch.Tensor, dict[
 def run_sequential(
     arch: str, width: int, xs: torch.Tensor, t: dict[str, torch.Tensor], steps: int, bs: int
 ) -> float:
-    """Seconds for K students trained one after another, as `students.train.train_one` does."""
+    """Seconds for K students trained one after another, as `students.fit.train_one` does."""
     t0 = time.perf_counter()
     for k in range(len(xs)):
         torch.manual_seed(k)

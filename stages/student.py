@@ -8,8 +8,8 @@ import typer
 
 from kdsweep.config import load_params
 from kdsweep.errors import explained_errors
+from kdsweep.students.inputs import StageInputs
 from kdsweep.students.stage import run_student_stage
-from kdsweep.students.train import StageInputs
 
 
 def main(

@@ -12,8 +12,8 @@ from kdsweep.cache.build import build_cache
 from kdsweep.config import Params, parse_params
 from kdsweep.data.prepare import prepare
 from kdsweep.data.prepared import load_prepared
+from kdsweep.students.inputs import StageInputs
 from kdsweep.students.stage import run_student_stage
-from kdsweep.students.train import StageInputs
 from kdsweep.teacher import train_teacher
 
 TINY: dict = {

@@ -14,8 +14,9 @@ from kdsweep.cache.format import CacheError
 from kdsweep.cache.reader import LogitCache
 from kdsweep.config import ParamsError, parse_params
 from kdsweep.data.prepared import load_prepared
+from kdsweep.students.fit import train_one
+from kdsweep.students.inputs import online_teacher, student_data
 from kdsweep.students.plan import student_jobs
-from kdsweep.students.train import online_teacher, student_data, train_one
 from kdsweep.targets import TeacherTargets, ViewBatches
 from tests.conftest import student_stage, tiny_raw
 

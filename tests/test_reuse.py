@@ -21,8 +21,10 @@ from kdsweep.config import Params, parse_params
 from kdsweep.data.prepared import load_prepared
 from kdsweep.errors import KdsweepError
 from kdsweep.students import reuse
+from kdsweep.students.fit import train_stack
+from kdsweep.students.inputs import StageInputs
+from kdsweep.students.plan import Stack
 from kdsweep.students.stage import run_student_stage
-from kdsweep.students.train import Stack, StageInputs, train_stack
 
 from .conftest import tiny_raw
 
@@ -100,7 +102,7 @@ def test_changing_a_loss_s_code_retrains_exactly_its_students(workspace, capsys,
 
 def test_code_version_reads_the_modules_a_student_runs_and_no_other():
     files = {str(f) for f in reuse.closure(reuse.STUDENT_SCRIPT, registry_loads=False)}
-    assert "src/kdsweep/losses.py" in files and "src/kdsweep/students/train.py" in files
+    assert "src/kdsweep/losses.py" in files and "src/kdsweep/students/fit.py" in files
     # the vision models are on a ResNet student's path only: editing them retrains no 1D CNN
     assert "src/kdsweep/models/vision.py" not in files
     assert reuse.code_version("cnn1d", "kd", "full") != reuse.code_version("resnet20", "kd", "full")

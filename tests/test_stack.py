@@ -112,7 +112,7 @@ def test_stacked_equals_sequential_fit(
         fresh=views == "fresh",
     )
     for k, seed in enumerate(SEEDS):
-        torch.manual_seed(seed)  # as students.train.train_one initialises a student
+        torch.manual_seed(seed)  # as students.fit.train_one initialises a student
         model = _factory(arch, width)(seed)
         mine = {name: t[k] for name, t in targets.items() if name != "y"}
         mine |= {"aug": aug[k]} if aug is not None else {}

@@ -25,9 +25,9 @@ from kdsweep.models import build_model
 from kdsweep.models.basic import CNN1D
 from kdsweep.registry import LOSSES
 from kdsweep.runs import RUN_SCHEMA, collect_runs
+from kdsweep.students.inputs import StageInputs, open_store, student_data
 from kdsweep.students.plan import stack_key, student_jobs
 from kdsweep.students.stage import run_student_stage
-from kdsweep.students.train import StageInputs, open_store, student_data
 from kdsweep.targets import NO_TARGETS
 from kdsweep.teacher import teacher_model
 from kdsweep.train import NonFiniteLoss, fit

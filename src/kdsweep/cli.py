@@ -104,8 +104,8 @@ def student(
     does, from the pipeline's outputs under DATA."""
     from kdsweep.config import load_params
     from kdsweep.errors import explained_errors
+    from kdsweep.students.inputs import StageInputs
     from kdsweep.students.stage import run_student_stage
-    from kdsweep.students.train import StageInputs
 
     with explained_errors():
         p = load_params(params)

@@ -21,7 +21,9 @@ import torch
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from kdsweep.config import Params
-from kdsweep.students.train import Stack, StageInputs, machine, train_stack
+from kdsweep.students.fit import train_stack
+from kdsweep.students.inputs import StageInputs
+from kdsweep.students.plan import Stack, machine
 
 Rows = list[dict[str, Any]]
 

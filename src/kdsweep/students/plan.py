@@ -1,17 +1,21 @@
-"""Planning a student stage: which students to train (`StudentJob`), which of them can share a
-stack, whether stacking pays on this device, and how many fit in memory at once."""
+"""Planning a student stage: which students to train (`StudentJob`, `stage_jobs`), which of them
+can share a stack (`stack_key`, `plan_stacks`), whether stacking pays on this device, how many fit
+in memory at once, and what about this process changes a student's rounding (`machine`)."""
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from kdsweep.config import MethodParams, Params
-from kdsweep.registry import LOSSES
+from kdsweep.config import MethodParams, Params, StudentParams
+from kdsweep.models import build_model
+from kdsweep.registry import ARCHS, LOSSES
 from kdsweep.targets import TeacherTargets
+from kdsweep.train import num_steps, pick_device
 
 # Largest student (parameter count) for which the stacked path is chosen on a CPU. Measured with
 # bench/bench_stack.py (2 cores, 1 torch thread, batch 128, MNIST-1D shapes, cached KD), stacked/
@@ -99,3 +103,66 @@ def memory_groups(k: int, bytes_per_student: int, budget_bytes: int) -> list[ran
     n_groups = -(-k // per)
     bounds = [k * g // n_groups for g in range(n_groups + 1)]
     return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+@dataclass(frozen=True)
+class Stack:
+    """The unit of work of a student stage: students (indices into `stage_jobs`) that share a
+    `plan.stack_key` and train on one path, "stacked" or "sequential"."""
+
+    members: tuple[int, ...]
+    path: str
+
+
+def stage_jobs(p: Params, store: str | None) -> list[StudentJob]:
+    """Every student of the stage of `store` (None: labels), in a fixed order."""
+    return [job for method in p.methods_reading(store) for job in student_jobs(p, method)]
+
+
+def train_threads(st: StudentParams) -> int:
+    """CPU threads a student trains with: the thread count changes a CPU run's rounding, so it is
+    fixed before training and part of the student's key. Default: this process's for the local
+    executor, one per Dask worker process (Dask's own default)."""
+    return st.threads or (torch.get_num_threads() if st.executor == "local" else 1)
+
+
+def machine(p: Params) -> dict[str, Any]:
+    """What about this process changes a student's rounding: its device type and, on a CPU,
+    its thread count."""
+    device = pick_device(p.student.device)
+    return {
+        "device": device.type,
+        "threads": train_threads(p.student) if device.type == "cpu" else None,
+    }
+
+
+def student_steps(st: StudentParams, n: int) -> int:
+    """Optimizer steps of a student with n training rows (the budget of `student.budget`)."""
+    b = st.budget
+    return num_steps(b.mode, b.value, n, st.batch_size, b.min_epochs)
+
+
+def student_model(p: Params, num_classes: int, x: torch.Tensor, seed: int) -> torch.nn.Module:
+    """A fresh student for inputs like `x`; the seed fixes its initialisation."""
+    torch.manual_seed(seed)
+    return build_model(p.student.arch, tuple(x.shape[1:]), num_classes, p.student.width)
+
+
+def plan_stacks(
+    p: Params, train: TeacherTargets, x: torch.Tensor, num_classes: int, jobs: list[StudentJob]
+) -> list[Stack]:
+    """Group the stage's students into stacks and choose each stack's path on the *whole* stack,
+    so that a student's path (and so its row) does not depend on which others are reused;
+    `train`: the teacher rows the stage's students read, `x`: inputs like theirs."""
+    device = pick_device(p.student.device)
+    probe = student_model(p, num_classes, x, seed=0)
+    groups: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault(stack_key(job, train), []).append(i)
+    vmappable = ARCHS[p.student.arch].vmappable
+    return [
+        Stack(
+            tuple(members), choose_path(device, probe, vmappable, len(members), p.student.stacked)
+        )
+        for members in groups.values()
+    ]

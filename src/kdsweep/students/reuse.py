@@ -26,7 +26,8 @@ import torch
 from kdsweep.config import Params
 from kdsweep.deps import ROOT, closure, module_path
 from kdsweep.registry import ARCHS, CACHE_KINDS, LOSSES
-from kdsweep.students.plan import StudentJob
+from kdsweep.students.inputs import StageData
+from kdsweep.students.plan import Stack, StudentJob, machine
 
 STUDENT_SCRIPT = ROOT / "stages" / "student.py"
 
@@ -100,3 +101,17 @@ def previous_rows(out_dir: Path) -> dict[str, dict[str, Any]]:
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             continue
     return rows
+
+
+def student_keys(
+    p: Params, store: str | None, sd: StageData, jobs: list[StudentJob], stacks: list[Stack]
+) -> list[str]:
+    """Each student's content key (`reuse.student_key`), in `jobs` order."""
+    path = {i: s.path for s in stacks for i in s.members}
+    here = machine(p)
+    keys = []
+    for i, job in enumerate(jobs):
+        rows = torch.cat(sd.prep.split(job.alpha, job.subset_seed, p.student.val_fraction))
+        placement = {**here, "path": path[i]}
+        keys.append(student_key(p, job, store, rows, sd.fingerprints, placement))
+    return keys

@@ -17,15 +17,9 @@ from typing import Any
 from kdsweep.config import Params, ParamsError
 from kdsweep.io import atomic_write_json, remove_stale_temps
 from kdsweep.students.executor import run_stacks
-from kdsweep.students.reuse import STACK_ROWS, previous_rows
-from kdsweep.students.train import (
-    Stack,
-    StageInputs,
-    plan_stacks,
-    stage_data,
-    stage_jobs,
-    student_keys,
-)
+from kdsweep.students.inputs import StageInputs, stage_data
+from kdsweep.students.plan import Stack, plan_stacks, stage_jobs
+from kdsweep.students.reuse import STACK_ROWS, previous_rows, student_keys
 
 
 def run_student_stage(p: Params, inputs: StageInputs, out_dir: Path) -> Path:
@@ -47,7 +41,8 @@ def run_student_stage(p: Params, inputs: StageInputs, out_dir: Path) -> Path:
     run = uuid.uuid4().hex  # this run's inputs are read afresh, by this process and by workers
     jobs = stage_jobs(p, store)
     sd = stage_data(p, inputs, run)
-    stacks = plan_stacks(p, sd, jobs)
+    s = sd.prep.splits
+    stacks = plan_stacks(p, sd.train, s.x_train, s.num_classes, jobs)
     keys = student_keys(p, store, sd, jobs, stacks)
     have = previous_rows(out_dir)
     todo = [Stack(tuple(i for i in s.members if keys[i] not in have), s.path) for s in stacks]
