@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kdsweep.augment import family_for, fresh_views
+from kdsweep.augment import family_for
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,55 @@ def pick_draw(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     extra = a.dim() - d.dim() - 2  # the row's own dims (positions of a sequence, ...)
     index = d.reshape(*d.shape, *[1] * extra, 1, 1).expand(*a.shape[:-2], 1, a.shape[-1])
     return a.gather(-2, index).squeeze(-2)
+
+
+def step_rows(
+    x: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    gens: list[torch.Generator],
+    aug: torch.Tensor | None = None,
+    fresh: bool = False,
+    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    drawn: tuple[str, ...] = (),
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One step's inputs and targets for K students at once (`ViewBatches` is K = 1, a stack
+    of `stack.fit_stacked` any K), so a stacked student sees what it would see alone.
+
+    x [K, bs, ...]: each student's rows; batch {name: [K, bs, ...]}: their labels ("y") and
+    teacher rows; gens: each student's own generator, drawn from in this order — the view of
+    each sample (`aug` [K, bs, V, 3]: its cached views' parameters; the teacher rows then carry
+    the view axis) or a fresh view (`fresh`), then a sampled store's draw set (`drawn`: the
+    arrays with a draw axis). With a `teacher` (an online store) the targets are its logits on
+    exactly the inputs shown, one forward pass for all K. Views are applied to all K·bs rows at
+    once: the families work row by row, so batching changes no value."""
+    k, bs = x.shape[:2]
+
+    def each(draw: Callable[[torch.Generator], torch.Tensor]) -> torch.Tensor:
+        return torch.stack([draw(g) for g in gens]).to(x.device)
+
+    def show(params: torch.Tensor) -> torch.Tensor:
+        return family_for(x[0]).apply(x.flatten(0, 1), params.flatten(0, 1)).view_as(x)
+
+    if aug is not None:
+        view = each(lambda g: torch.randint(0, aug.shape[2], (bs,), generator=g))
+        rows = torch.arange(k, device=x.device)[:, None]
+        cols = torch.arange(bs, device=x.device)[None, :]
+        batch = {
+            m: v[rows, cols, view] if m != "y" or v.dim() == 3 else v for m, v in batch.items()
+        }
+        x = show(aug[rows, cols, view])
+    elif fresh:
+        family = family_for(x[0])
+        x = show(each(lambda g: family.draw(bs, 1, g)[:, 0]))
+    if drawn:
+        r = batch[drawn[0]].shape[-2]
+        d = each(lambda g: torch.randint(0, r, (bs,), generator=g))
+        batch = batch | {m: pick_draw(batch[m], d) for m in drawn}
+    if teacher is not None:
+        with torch.no_grad():
+            z = teacher(x.flatten(0, 1)).float()
+        batch = batch | {"logits": z.view(k, bs, *z.shape[1:])}
+    return x, batch
 
 
 class ViewBatches:
@@ -80,27 +129,8 @@ class ViewBatches:
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, TeacherTargets]]:
         """(inputs, (labels, teacher rows)) of the rows `idx`."""
         x, y, t = self.x[idx], self.y[idx], self.t.rows(idx)
-        if self.aug is not None:
-            view = torch.randint(0, self.aug.shape[1], (len(idx),), generator=self.gen)
-            view = view.to(idx.device)
-            pick = torch.arange(len(idx), device=idx.device)
-
-            def at_view(v: torch.Tensor) -> torch.Tensor:
-                return v[pick, view]
-
-            y = at_view(y) if y.dim() == 2 else y
-            t = TeacherTargets(t.kind, {k: at_view(v) for k, v in t.tensors.items()})
-            x = family_for(x).apply(x, self.aug[idx, view])
-        elif self.fresh:
-            x = fresh_views(x, self.gen)
-        if self.teacher is not None:
-            with torch.no_grad():
-                t = TeacherTargets(t.kind, {"logits": self.teacher(x).float()})
-        if self.drawn:
-            r = t.tensors[self.drawn[0]].shape[-2]
-            d = torch.randint(0, r, (len(idx),), generator=self.gen).to(idx.device)
-            t = TeacherTargets(
-                t.kind,
-                {k: pick_draw(v, d) if k in self.drawn else v for k, v in t.tensors.items()},
-            )
-        return x, (y, t)
+        aug = None if self.aug is None else self.aug[idx][None]
+        rows = {"y": y[None], **{k: v[None] for k, v in t.tensors.items()}}
+        x, rows = step_rows(x[None], rows, [self.gen], aug, self.fresh, self.teacher, self.drawn)
+        y = rows.pop("y")[0]
+        return x[0], (y, TeacherTargets(t.kind, {k: v[0] for k, v in rows.items()}))

@@ -25,9 +25,8 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm import tqdm
 
-from kdsweep.augment import family_for
 from kdsweep.losses import student_loss
-from kdsweep.targets import TeacherTargets, pick_draw
+from kdsweep.targets import TeacherTargets, step_rows
 from kdsweep.train import AdamW, BestVal, NonFiniteLoss, flushed_denormals
 
 # (logits [bs, C], this student's target rows {name: [bs, ...]}, its hyper-parameters {name: 0-d})
@@ -75,15 +74,11 @@ def fit_stacked(
 
     xs: [K, n, ...] and every target [K, n, ...] (one stage instance shares α, hence n);
     hyper: {name: float64 [K]} per-student scalars (τ, λ) handed to `loss_fn` as 0-d tensors.
-    teacher: an online store's network, run on every step's inputs of all K students at once
-    (its logits become the target "logits"); drawn: the targets with a draw axis [K, n, R, k]
-    (a sampled store), of which each sample gets one set per step from its student's own
-    generator, as `targets.ViewBatches` picks them. aug: [K, n, V, 3] the parameters of each
-    student's cached views (its targets then carry the view axis [K, n, V, ...]): each sample
-    gets one of its row's views per step; fresh: each sample gets a fresh view of the data's
-    augmentation family per step. Views are drawn from each student's own generator and applied
-    to the whole stack's batch at once (the families work row by row, so batching changes no
-    value).
+    teacher (an online store's network), drawn (the targets with a draw axis [K, n, R, k]),
+    aug ([K, n, V, 3]: the parameters of each student's cached views; its targets then carry
+    the view axis) and fresh: what each step shows and targets, built by `targets.step_rows`
+    from each student's own generator — the same function `targets.ViewBatches` builds a lone
+    student's steps with.
     The global RNG is seeded with `seeds[k]` right before `model_factory(seeds[k])`, as `train_one`
     does before `build_model`. On CUDA the forward runs under bf16 autocast, as in `fit`.
     """
@@ -126,8 +121,6 @@ def fit_stacked(
     draw_gens = [torch.Generator().manual_seed(s) for s in seeds]  # ViewBatches' own stream
     opt = AdamW(params.values(), lr, weight_decay, steps)
     rows = torch.arange(k, device=device)[:, None]
-    cols = torch.arange(min(batch_size, n), device=device)[None, :]
-    family = family_for(xs[0]) if aug is not None or fresh else None
     neg = torch.zeros(k, device=device)
     terms = 0
     t0 = time.perf_counter()
@@ -142,29 +135,15 @@ def fit_stacked(
                 perm, pos = new_perm(), 0
             idx = perm[:, pos : pos + bs]
             pos += bs
-            xb = xs[rows, idx]
-            batch = {m: t[rows, idx] for m, t in targets.items()}
-            if aug is not None:
-                view = torch.stack(
-                    [torch.randint(0, aug.shape[2], (bs,), generator=g) for g in draw_gens]
-                ).to(device)
-                batch = {
-                    m: t[rows, cols, view] if m != "y" or t.dim() == 3 else t
-                    for m, t in batch.items()
-                }
-                shown = aug[rows, idx, view]
-                xb = family.apply(xb.flatten(0, 1), shown.flatten(0, 1)).view_as(xb)
-            elif fresh:
-                shown = torch.stack([family.draw(bs, 1, g)[:, 0] for g in draw_gens])
-                xb = family.apply(xb.flatten(0, 1), shown.flatten(0, 1)).view_as(xb)
-            if drawn:
-                r = batch[drawn[0]].shape[-2]
-                d = torch.stack([torch.randint(0, r, (bs,), generator=g) for g in draw_gens])
-                batch |= {m: pick_draw(batch[m], d.to(device)) for m in drawn}
-            if teacher is not None:
-                with torch.no_grad():
-                    z_t = teacher(xb.flatten(0, 1)).float()
-                batch["logits"] = z_t.view(k, bs, *z_t.shape[1:])
+            xb, batch = step_rows(
+                xs[rows, idx],
+                {m: t[rows, idx] for m, t in targets.items()},
+                draw_gens,
+                aug[rows, idx] if aug is not None else None,
+                fresh,
+                teacher,
+                drawn,
+            )
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                 z = forward_k(params, buffers, xb)
             per_sample, distill = loss_k(z.float(), batch, hyper)
