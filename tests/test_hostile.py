@@ -19,6 +19,7 @@ import yaml
 import zarr
 from typer.testing import CliRunner
 
+from bench.common import git_commit, temp_repo
 from kdsweep.cache.format import CacheError, StoreSpec
 from kdsweep.cache.reader import LogitCache
 from kdsweep.cache.writer import write_cache
@@ -149,22 +150,10 @@ def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def dvc_repo(tmp_path: Path) -> Path:
-    """A git + DVC copy of the pipeline with tiny params; nothing run yet."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for item in ("dvc.yaml", "stages", "src", ".dvcignore", ".gitignore"):
-        src = REPO / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
-    shutil.copytree(REPO / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
-    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_raw()))
-    for cmd in (["init", "-q"], ["add", "-A"]):
-        subprocess.run(["git", *cmd], cwd=repo, check=True)
-    subprocess.run(
-        ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "init"],
-        cwd=repo,
-        check=True,
-    )
+def dvc_repo() -> Path:
+    """A git + DVC copy of the pipeline with tiny params, committed; nothing run yet."""
+    repo = temp_repo(yaml.safe_dump(tiny_raw()))
+    git_commit(repo, "init")
     return repo
 
 
