@@ -65,7 +65,7 @@ def main(
 ) -> None:
     p = load_params(params)
     prep = load_prepared(data / "prepared")
-    teacher = teacher_model(p, prep)
+    teacher = teacher_model(p.teachers["main"], prep)
     load_checkpoint(teacher, data / "teachers" / "main.safetensors")
     teacher.eval()
     x = prep.splits.x_train
@@ -97,7 +97,7 @@ def main(
                 f"{raw / info['bytes_per_row']:9.2f}x {info['compression_ratio']:10.2f}x"
             )
 
-    st = p.student
+    st = p.student_config(next(iter(p.students)))
     model = build_model(st.arch, tuple(x.shape[1:]), prep.splits.num_classes, st.width)
     opt = torch.optim.AdamW(model.parameters(), lr=st.lr)
     bs = st.batch_size

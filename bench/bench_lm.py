@@ -30,7 +30,7 @@ def main(params: Path = REPO / "params/lm.yaml") -> None:
     wall = time.perf_counter() - t0
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = usage.ru_utime + usage.ru_stime
-    teacher = json.loads((work / "data/teachers/metrics.json").read_text())
+    teacher = json.loads((work / "data/teachers/main.json").read_text())
     rows = pq.read_table(work / "data/results/runs.parquet").to_pylist()
     cells: dict[tuple[str, float], list[dict]] = defaultdict(list)
     for r in rows:
@@ -52,8 +52,8 @@ def main(params: Path = REPO / "params/lm.yaml") -> None:
     worst = max(r["test_ppl"] for r in rows)
     best = min(r["test_ppl"] for r in rows)
     print(
-        f"teacher test perplexity {teacher['main']['test_ppl']:.2f}; students {best:.2f}–{worst:.2f} "
-        f"(best student ÷ teacher {best / teacher['main']['test_ppl']:.2f}x)"
+        f"teacher test perplexity {teacher['test_ppl']:.2f}; students {best:.2f}–{worst:.2f} "
+        f"(best student ÷ teacher {best / teacher['test_ppl']:.2f}x)"
     )
     print(f"{'method':14} {'α':>5} {'n':>2} {'test ppl':>9} {'min–max':>17} {'÷ CE':>6} best steps")
     for (m, a), rs in sorted(cells.items(), key=lambda c: (c[0][1], c[0][0] != "ce", c[0][0])):

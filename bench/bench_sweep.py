@@ -111,7 +111,8 @@ def quick_params(raw: dict) -> dict:
     raw["data"].update(n_train=1000, n_test=300)
     raw["subset_seeds"] = raw["subset_seeds"][:2]
     raw["alphas"] = raw["sweep"]["ablation_alphas"]  # at 1000 rows their subsets are equal-sized
-    raw["teacher"].update(epochs=1, width=16)
+    for t in raw["teachers"].values():
+        t.update(epochs=1, width=16)
     raw["cache"].update(chunk_rows=256, batch_size=256)
     raw["student"]["budget"] = {"mode": "steps", "value": 20, "min_epochs": 0}
     raw["student"]["width"] = 8
@@ -123,7 +124,8 @@ def reduced_params(raw: dict) -> dict:
     store, method, α and seed (the same stages and students), for a run that fits a shared 2-core
     machine. Fewer steps make the fixed cost of a stage a larger share, so (a)'s ratio is higher
     than the full params' would be."""
-    raw["teacher"]["epochs"] = min(raw["teacher"]["epochs"], 3)
+    for t in raw["teachers"].values():
+        t["epochs"] = min(t["epochs"], 3)
     raw["student"]["budget"]["value"] = max(1, raw["student"]["budget"]["value"] // 4)
     return raw
 
@@ -132,10 +134,12 @@ def student_stage_cmd(raw: dict, stage: str, out: str) -> list[str]:
     """`stage`'s command as dvc.yaml gives it, writing to `out`."""
     ref = raw["cache"]["reference"]
     cmd = ["python", "stages/student.py", "--reference", f"data/logits/{ref}.zarr"]
-    cmd += ["--prepared", "data/prepared", "--teachers", "data/teachers/metrics.json"]
+    cmd += ["--prepared", "data/prepared"]
     if stage != "labels":
         store = stage.split("@")[1]
+        teacher = raw["cache"]["stores"][store]["teacher"]
         cmd += ["--store", store, "--logits", f"data/logits/{store}.zarr"]
+        cmd += ["--checkpoint", f"data/teachers/{teacher}.safetensors"]
     return [*cmd, "--out", out]
 
 

@@ -14,18 +14,17 @@ from kdsweep.students.stage import run_student_stage
 
 def main(
     prepared: Path = typer.Option(..., help="the prepare stage's directory"),
-    teachers: Path = typer.Option(..., help="the teacher stage's metrics.json (fingerprints)"),
     reference: Path = typer.Option(..., help="the cache.reference store (test agreement, KL)"),
     out: Path = typer.Option(..., help="directory for runs.json"),
     store: str | None = typer.Option(None, help="the store the students read; none: labels only"),
     logits: Path | None = typer.Option(None, help="that store's Zarr path"),
     checkpoint: Path | None = typer.Option(
-        None, help="that store's teacher weights (an online store runs them on every batch)"
+        None, help="that store's teacher weights (checked against it; online: run every batch)"
     ),
 ) -> None:
     with explained_errors():
         p = load_params()
-        inputs = StageInputs(prepared, teachers, reference, store, logits, checkpoint)
+        inputs = StageInputs(prepared, reference, store, logits, checkpoint)
         run_student_stage(p, inputs, out)
 
 

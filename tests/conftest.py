@@ -20,14 +20,26 @@ TINY: dict = {
     "data": {"name": "mnist1d", "n_train": 600, "n_test": 200, "seed": 0},
     "alphas": [0.05, 1.0],
     "subset_seeds": [0, 1],
-    "teacher": {
-        "arch": "cnn1d",
-        "width": 16,
-        "epochs": 2,
-        "batch_size": 64,
-        "lr": 0.01,
-        "seed": 0,
-        "device": "cpu",
+    "teachers": {
+        "main": {
+            "arch": "cnn1d",
+            "width": 16,
+            "epochs": 2,
+            "batch_size": 64,
+            "lr": 0.01,
+            "seed": 0,
+            "device": "cpu",
+        },
+        "random_head": {
+            "arch": "cnn1d",
+            "width": 16,
+            "epochs": 2,
+            "batch_size": 64,
+            "lr": 0.01,
+            "seed": 0,
+            "device": "cpu",
+            "head": "random",
+        },
     },
     "cache": {
         "codec": {"name": "blosc", "cname": "zstd", "clevel": 5, "shuffle": "shuffle"},
@@ -48,6 +60,7 @@ TINY: dict = {
         "budget": {"mode": "steps", "value": 20},
         "batch_size": 32,
     },
+    "students": {"small": {}},
     "methods": {
         "ce": {},
         "ls": {"epsilon": 0.1},
@@ -70,6 +83,13 @@ def tiny_raw() -> dict:
     return copy.deepcopy(TINY)
 
 
+def set_teachers(raw: dict, **values: object) -> dict:
+    """Set `values` on every teacher of `raw` (the trained one and its random-head variant)."""
+    for t in raw["teachers"].values():
+        t.update(values)
+    return raw
+
+
 @pytest.fixture
 def tiny_params() -> Params:
     return parse_params(tiny_raw())
@@ -80,7 +100,8 @@ def build_upstream(p: Params, root: Path) -> None:
     data = root / "data"
     prepare(p.data, p.subset_seeds, data / "prepared")
     prep = load_prepared(data / "prepared")
-    train_teacher(p, prep, data / "teachers")
+    for name in p.teachers:
+        train_teacher(p, name, prep, data / "teachers" / f"{name}.safetensors")
     for name, store in p.cache.stores.items():
         build_cache(
             p,
@@ -97,7 +118,6 @@ def student_stage(p: Params, root: Path, store: str | None) -> Path:
     data = root / "data"
     inputs = StageInputs(
         data / "prepared",
-        data / "teachers" / "metrics.json",
         data / "logits" / f"{p.cache.reference}.zarr",
         store,
         data / "logits" / f"{store}.zarr" if store else None,

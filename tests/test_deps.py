@@ -104,6 +104,12 @@ def test_no_import_cycles() -> None:
     assert "kdsweep.teacher" in graph["kdsweep.cache.build"]  # the graph is real, not empty
 
 
+def _get(raw: dict, key: str) -> dict:
+    for part in key.split("."):
+        raw = raw[part]
+    return raw
+
+
 def _has_key(raw: dict, key: str) -> bool:
     node = raw
     for part in key.split("."):
@@ -117,15 +123,20 @@ def _has_key(raw: dict, key: str) -> bool:
 def test_every_tracked_key_is_in_each_params_file(params_file: str) -> None:
     """DVC tracks only keys present in the file (a pydantic default is not enough)."""
     raw = yaml.safe_load((REPO / params_file).read_text())
-    stores = raw["cache"]["stores"]
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     missing = []
-    for name, stage in dvc_stages().items():
-        for key in stage.get("params", []):
+    for name, stage in stages.items():
+        # a foreach stage: one instance per key of the section it loops over (${key}, ${item.x})
+        section = stage.get("foreach", "${}")[2:-1]
+        items = _get(raw, section) if section else {None: None}
+        for key in stage.get("do", stage).get("params", []):
             if isinstance(key, dict):  # a whole params file (`params.yaml:`), not a key
                 continue
             key = key.replace("${cache.reference}", raw["cache"]["reference"])
-            for store in stores if "${key}" in key else [None]:
-                k = key.replace("${key}", store) if store else key
+            for k_, item in items.items():
+                k = key.replace("${key}", str(k_))
+                for field, value in (item or {}).items():
+                    k = k.replace("${item.%s}" % field, str(value))
                 if not _has_key(raw, k):
                     missing.append(f"{name}: {k}")
     assert not missing, f"{params_file} lacks keys DVC tracks: {missing}"

@@ -77,7 +77,7 @@ def test_two_process_ddp_teacher_trains_and_its_checkpoint_loads(workspace):
     torchrun(str(STAGES / "teacher.py"), "--prepared", "data/prepared", "--out", "data/teachers")
     assert weights_fingerprint(Path("data/teachers/main.safetensors")) != before
     p, prep = parse_params(raw), load_prepared(Path("data/prepared"))
-    model = teacher_model(p, prep)
+    model = teacher_model(p.teachers["main"], prep)
     load_checkpoint(model, Path("data/teachers/main.safetensors"))
     assert model.head.out_features == prep.splits.num_classes
     # the stores of the old teacher are now refused: their fingerprint is not the new one

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from bench.common import dvc_env, temp_repo
+from tests.conftest import set_teachers
 
 REPO = Path(__file__).resolve().parents[1]
 KEEP = ("online", "full16", "bf16", "v4", "top2", "s4_r8")
@@ -24,7 +25,7 @@ def test_fidelity_params_run_through_dvc_with_the_fidelity_section(tmp_path: Pat
     raw = yaml.safe_load((REPO / "params/fidelity.yaml").read_text())
     raw["data"].update(n_train=1000, n_test=300)
     raw["alphas"], raw["subset_seeds"] = [0.1, 1.0], [0, 1, 2]
-    raw["teacher"].update(width=16, epochs=4)
+    set_teachers(raw, width=16, epochs=4)
     raw["student"].update(width=8, budget={"mode": "steps", "value": 60, "eval_every": 30})
     raw["cache"]["stores"] = {k: raw["cache"]["stores"][k] for k in KEEP}
     methods = ["ce", *(f"kd_{k}" for k in KEEP), "kd_top2_spread"]

@@ -35,7 +35,7 @@ from kdsweep.io import (
     temp_path,
     weights_fingerprint,
 )
-from tests.conftest import tiny_raw
+from tests.conftest import set_teachers, tiny_raw
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ROOT / "stages"
@@ -298,10 +298,15 @@ def test_killed_cache_stage_resumes_to_the_uninterrupted_store(workspace):
 @pytest.mark.timeout(300)
 def test_killed_teacher_stage_reruns_to_the_identical_checkpoint(workspace):
     raw = tiny_raw()
-    raw["teacher"]["epochs"] = 6
+    set_teachers(raw, epochs=6)
     Path("params.yaml").write_text(yaml.safe_dump(raw))
     teachers = Path("data/teachers")
-    args = (str(STAGES / "teacher.py"), "--prepared=data/prepared", f"--out={teachers}")
+    args = (
+        str(STAGES / "teacher.py"),
+        "main",
+        "--prepared=data/prepared",
+        f"--out={teachers / 'main.safetensors'}",
+    )
     finish(*args)
     reference = weights_fingerprint(teachers / "main.safetensors")
     (teachers / "main.safetensors").unlink()
@@ -329,7 +334,7 @@ def test_killed_student_stage_leaves_no_partial_results(workspace):
         "--logits=data/logits/full.zarr",
         "--reference=data/logits/full.zarr",
         "--prepared=data/prepared",
-        "--teachers=data/teachers/metrics.json",
+        "--checkpoint=data/teachers/main.safetensors",
         f"--out={out}",
     )
     # killed after training, while it evaluates the students and writes runs.json
@@ -358,7 +363,6 @@ def test_killed_student_stage_resumes_with_only_its_unfinished_stacks(workspace)
             str(STAGES / "student.py"),
             "--reference=data/logits/full.zarr",
             "--prepared=data/prepared",
-            "--teachers=data/teachers/metrics.json",
             f"--out=data/students/{out}",
         )
 

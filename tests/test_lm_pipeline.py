@@ -12,7 +12,7 @@ from kdsweep.config import STUDENTS_OF_LABELS, parse_params
 from kdsweep.data.prepared import load_prepared, subset_size
 from kdsweep.report import write_report
 from kdsweep.runs import collect_runs, write_parquet
-from tests.conftest import build_upstream, student_stage
+from tests.conftest import build_upstream, set_teachers, student_stage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ def test_tiny_language_pipeline_end_to_end(tmp_path):
     raw = yaml.safe_load((REPO / "params/lm.yaml").read_text())
     # the pydoc topics tokenise in a second; the stdlib corpus of params/lm.yaml in ~20 s
     raw["data"].update(name="pydoc", n_train=48, n_test=12, vocab_size=260, seq_len=8)
-    raw["teacher"].update(width=16, epochs=1, batch_size=16)
+    set_teachers(raw, width=16, epochs=1, batch_size=16)
     raw["cache"].update(chunk_rows=16, batch_size=16)
     budget = {"mode": "steps", "value": 3, "select": "best_val", "eval_every": 2}
     raw["student"].update(width=8, budget=budget, batch_size=8)
@@ -73,5 +73,5 @@ def test_tiny_language_pipeline_end_to_end(tmp_path):
     report = (tmp_path / "reports/report.md").read_text()
     assert "perplexity" in report and "task lm" in report
     assert "the seeds vary only the students' initialisation and data order" in report
-    teacher_ppl = json.loads((data / "teachers/metrics.json").read_text())["main"]["test_ppl"]
+    teacher_ppl = json.loads((data / "teachers/main.json").read_text())["test_ppl"]
     assert f"the teacher's test perplexity is {teacher_ppl:.4g}" in report

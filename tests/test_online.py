@@ -15,10 +15,10 @@ from kdsweep.cache.reader import LogitCache
 from kdsweep.config import ParamsError, parse_params
 from kdsweep.data.prepared import load_prepared
 from kdsweep.students.fit import train_one
-from kdsweep.students.inputs import online_teacher, student_data
+from kdsweep.students.inputs import online_teacher, open_store, student_data
 from kdsweep.students.plan import student_jobs
 from kdsweep.targets import TeacherTargets, ViewBatches
-from tests.conftest import student_stage, tiny_raw
+from tests.conftest import set_teachers, student_stage, tiny_raw
 
 
 def online_raw(views: int | str = 1) -> dict:
@@ -69,8 +69,7 @@ def test_online_targets_equal_a_float32_cache_and_the_students_agree(workspace):
     p = parse_params(raw)
     data = workspace / "data"
     prep = load_prepared(data / "prepared")
-    store = LogitCache(data / "logits/online.zarr")
-    teacher = online_teacher(p, store, data / "teachers/main.safetensors", prep)
+    teacher = online_teacher(p, "online", data / "teachers/main.safetensors", prep)
     cached = LogitCache(data / "logits/full.zarr").read("train")
     s = prep.splits
     idx = torch.arange(0, len(s.y_train), 7)
@@ -83,8 +82,10 @@ def test_online_targets_equal_a_float32_cache_and_the_students_agree(workspace):
     # a few steps: the same student either way
     raw["student"]["budget"] = {"mode": "steps", "value": 4}
     few = parse_params(raw)
-    on_job = next(j for j in student_jobs(few, "kd_online") if j.alpha == 1.0)
-    off_job = next(j for j in student_jobs(few, "kd") if j.alpha == 1.0 and j.seed == on_job.seed)
+    on_job = next(j for j in student_jobs(few, "kd_online", "online") if j.alpha == 1.0)
+    off_job = next(
+        j for j in student_jobs(few, "kd", "full") if j.alpha == 1.0 and j.seed == on_job.seed
+    )
     val = (s.x_train[:10], s.y_train[:10])
     on = train_one(
         few,
@@ -139,12 +140,13 @@ def test_online_store_refuses_another_teachers_checkpoint(workspace):
     raw = online_raw()
     build_online(workspace, raw)
     data = workspace / "data"
-    with pytest.raises(CacheError, match="is not the teacher of"):
-        online_teacher(
+    with pytest.raises(CacheError, match="another teacher"):
+        open_store(
             parse_params(raw),
-            LogitCache(data / "logits/online.zarr"),
-            data / "teachers/random_head.safetensors",
+            "online",
+            data / "logits/online.zarr",
             load_prepared(data / "prepared"),
+            data / "teachers/random_head.safetensors",
         )
 
 
@@ -170,11 +172,12 @@ def test_store_and_method_combinations_are_checked_at_load(store, method, match)
 def test_views_need_an_augmentation_family():
     raw = tiny_raw()
     raw["data"] = {"name": "pydoc", "n_train": 100, "n_test": 10}
-    raw["teacher"]["arch"] = raw["student"]["arch"] = "gpt"
+    set_teachers(raw, arch="gpt")
+    raw["student"]["arch"] = "gpt"
     raw["cache"]["stores"]["full"]["views"] = 2
     with pytest.raises(ParamsError, match="no\\s+augmentation family"):
         parse_params(raw)
     raw["cache"]["stores"]["full"]["views"] = 1
-    raw["teacher"]["augment"] = True
-    with pytest.raises(ParamsError, match="teacher.augment"):
+    set_teachers(raw, augment=True)
+    with pytest.raises(ParamsError, match="teachers.main.augment"):
         parse_params(raw)

@@ -30,14 +30,13 @@ from kdsweep.registry import (
     DATASETS,
     HYPER,
     LOSSES,
-    TEACHERS,
     Arch,
     Dataset,
     Loss,
 )
 from kdsweep.targets import NO_TARGETS, TeacherTargets
 from kdsweep.train import fit
-from tests.conftest import tiny_raw
+from tests.conftest import TINY, set_teachers, tiny_raw
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH, CLASSES, SEQ = 3, 7, 8
@@ -289,7 +288,7 @@ def test_loss_reads_the_teacher_exactly_when_it_says_so(name: str):
     raw["methods"]["m"] = {"loss": name}
     p = parse_params(raw)
     assert p.methods["m"].uses_teacher == loss.needs_teacher
-    assert (p.store_or_none("m") is None) != loss.needs_teacher
+    assert (p.stores_or_none("m") == [None]) != loss.needs_teacher
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +316,7 @@ def _refused(raw: dict, *fragments: str) -> str:
     "path,value,fragments",
     [
         (("student", "arch"), "vgg11", ["student.arch", "'vgg11'", "resnet20"]),
-        (("teacher", "arch"), "vgg11", ["teacher.arch", "'vgg11'"]),
+        (("teachers", "main", "arch"), "vgg11", ["teachers.main.arch", "'vgg11'"]),
         (("data", "name"), "imagenet21k", ["data.name", "'imagenet21k'", "mnist1d"]),
         (("methods", "kd", "loss"), "kl", ["methods.kd.loss", "'kl'", "logit_mse"]),
         (("methods", "distill"), {}, ["methods.distill: unknown method"]),
@@ -361,7 +360,7 @@ def _refused(raw: dict, *fragments: str) -> str:
         (("student", "budget", "mode"), "minutes", ["student.budget.mode"]),
         (("student", "widht"), 3, ["student.widht: unknown key"]),
         (("cache", "stores", "top3", "k"), None, ["cache.stores.top3", "needs k"]),
-        (("teacher", "epochs"), 0, ["teacher.epochs"]),
+        (("teachers", "main", "epochs"), 0, ["teachers.main.epochs"]),
         (("sweep", "methods"), ["ce", "kdd"], ["sweep.methods names ['kdd']"]),
         (("sweep", "methods"), [], ["sweep.methods must not be empty"]),
         (("sweep", "ablation_methods"), [], ["must both be set or both be empty"]),
@@ -395,13 +394,14 @@ def test_arch_must_fit_the_dataset_input_rank(role: str, arch: str, data: str):
     raw["data"]["name"] = data
     if DATASETS[data].needs_root:
         raw["data"]["root"] = "data/raw"  # never read: validation happens before any work
-    raw[role]["arch"] = arch
-    other = "student" if role == "teacher" else "teacher"
-    raw[other]["arch"] = next(a for a in ARCHS if _fits(a, data))
+    fits = next(a for a in ARCHS if _fits(a, data))
+    set_teachers(raw, arch=arch if role == "teacher" else fits)
+    raw["student"]["arch"] = arch if role == "student" else fits
+    key = "teachers.main" if role == "teacher" else "student"
     if _fits(arch, data):
         parse_params(raw)
     else:
-        msg = _refused(raw, f"{role}.arch={arch!r}", f"data.name={data!r}")
+        msg = _refused(raw, f"{key}.arch={arch!r}", f"data.name={data!r}")
         assert f"rank {DATASETS[data].input_rank}" in msg
         assert all(a in msg for a in ARCHS if _fits(a, data))  # names the ones that fit
 
@@ -409,7 +409,9 @@ def test_arch_must_fit_the_dataset_input_rank(role: str, arch: str, data: str):
 def test_cnn1d_on_digits_is_refused():
     raw = tiny_raw()
     raw["data"]["name"] = "digits"
-    _refused(raw, "teacher.arch='cnn1d' takes inputs of rank 2", "data.name='digits' has rank 3")
+    _refused(
+        raw, "teachers.main.arch='cnn1d' takes inputs of rank 2", "data.name='digits' has rank 3"
+    )
 
 
 HYPER_VALUES = {"lambda": 0.5, "tau": 2, "epsilon": 0.2, "topk_mode": "renorm"}
@@ -427,7 +429,7 @@ def test_a_method_may_set_only_the_hyper_parameters_its_loss_reads(loss: str, hy
 
 
 @pytest.mark.parametrize("kind", list(CACHE_KINDS))
-@pytest.mark.parametrize("teacher", TEACHERS)
+@pytest.mark.parametrize("teacher", list(TINY["teachers"]))
 def test_every_registered_kind_and_teacher_is_a_valid_store(kind: str, teacher: str):
     raw = tiny_raw()
     store = {"teacher": teacher, "kind": kind, **({"k": 2} if CACHE_KINDS[kind].needs_k else {})}
@@ -438,15 +440,20 @@ def test_every_registered_kind_and_teacher_is_a_valid_store(kind: str, teacher: 
         _refused(raw, "cache.stores.extra", "needs k")
 
 
-def test_methods_reading_partition_the_sweep_into_student_stages(tiny_params):
-    """Each swept method trains in exactly one student stage: its store's, or `labels`."""
-    p = tiny_params
+def test_methods_reading_partition_the_sweep_into_student_stages():
+    """Each swept method trains once per store it reads, in that store's stage (a method of
+    labels only: in `labels`), and nowhere else."""
+    raw = tiny_raw()
+    raw["methods"]["kd"]["cache"] = ["full", "random_head"]  # a method on two teachers
+    p = parse_params(raw)
     stages = [*p.cache.stores, None]
     swept = [*p.sweep.methods, *p.sweep.ablation_methods]
-    seen = [m for s in stages for m in p.methods_reading(s)]
-    assert sorted(seen) == sorted(swept)
+    seen = [(m, s) for s in stages for m in p.methods_reading(s)]
+    assert sorted(seen, key=str) == sorted(
+        [(m, s) for m in swept for s in p.stores_or_none(m)], key=str
+    )
+    assert ("kd", "full") in seen and ("kd", "random_head") in seen
     for m in swept:
-        assert m in p.methods_reading(p.store_or_none(m))
         assert p.alphas_of(m) == (p.alphas if m in p.sweep.methods else p.sweep.ablation_alphas)
 
 
@@ -489,7 +496,7 @@ def test_loading_and_validating_params_does_not_import_torch(params: str):
         f"p = load_params({params!r})\n"
         "assert p.methods and p.cache.stores and p.data.task\n"
         "for m in p.methods:\n"
-        "    p.store_or_none(m), p.alphas_of(m)\n"
+        "    p.stores_or_none(m), p.alphas_of(m), p.students_of(m)\n"
         "for s in [*p.cache.stores, None]:\n"
         "    p.methods_reading(s)\n"
         "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"

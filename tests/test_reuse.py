@@ -26,7 +26,7 @@ from kdsweep.students.inputs import StageInputs
 from kdsweep.students.plan import Stack
 from kdsweep.students.stage import run_student_stage
 
-from .conftest import tiny_raw
+from .conftest import TINY, tiny_raw
 
 PROVENANCE = ("train_seconds",)  # when it trained; everything else must be equal
 
@@ -47,11 +47,15 @@ def inputs(ws: Path, store: str | None) -> StageInputs:
     data = ws / "data"
     return StageInputs(
         data / "prepared",
-        data / "teachers/metrics.json",
         data / "logits/full.zarr",
         store,
         data / "logits" / f"{store}.zarr" if store else None,
+        data / "teachers" / f"{p_teacher(store)}.safetensors" if store else None,
     )
+
+
+def p_teacher(store: str) -> str:
+    return TINY["cache"]["stores"][store]["teacher"]
 
 
 def stage(p: Params, ws: Path, store: str | None, out: str) -> list[dict]:
@@ -195,8 +199,6 @@ def test_relative_input_paths_reach_workers_absolute(workspace, monkeypatch):
     monkeypatch.setattr(
         stage_module, "run_stacks", lambda p, inp, *a: seen.append(inp) or real(p, inp, *a)
     )
-    rel = StageInputs(
-        Path("data/prepared"), Path("data/teachers/metrics.json"), Path("data/logits/full.zarr")
-    )
+    rel = StageInputs(Path("data/prepared"), Path("data/logits/full.zarr"))
     run_student_stage(params(), rel, workspace / "out")
     assert seen and all(Path(v).is_absolute() for v in astuple(seen[0]) if v is not None)

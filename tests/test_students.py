@@ -31,7 +31,7 @@ from kdsweep.students.stage import run_student_stage
 from kdsweep.targets import NO_TARGETS
 from kdsweep.teacher import teacher_model
 from kdsweep.train import NonFiniteLoss, fit
-from tests.conftest import student_stage, tiny_raw
+from tests.conftest import set_teachers, student_stage, tiny_raw
 
 ALL_METHODS = list(tiny_raw()["methods"])
 
@@ -66,7 +66,8 @@ def _train_targets(p: Params, store: str | None, ws: Path):
     if store is None:
         return prep, NO_TARGETS
     path = ws / "data/logits" / f"{store}.zarr"
-    return prep, open_store(p, store, path, ws / "data/teachers/metrics.json", prep).read("train")
+    checkpoint = ws / "data/teachers" / f"{p.cache.stores[store].teacher}.safetensors"
+    return prep, open_store(p, store, path, prep, checkpoint).read("train")
 
 
 def test_each_store_stage_trains_its_methods_from_the_cache_without_the_teacher(
@@ -86,7 +87,7 @@ def test_each_store_stage_trains_its_methods_from_the_cache_without_the_teacher(
     real_forward = CNN1D.forward
 
     def guarded_forward(self, x):
-        if self.features[0].out_channels == p.teacher.width:
+        if self.features[0].out_channels == p.teachers["main"].width:
             forbidden()
         return real_forward(self, x)
 
@@ -136,22 +137,20 @@ def test_a_store_that_no_swept_method_reads_gives_an_empty_stage(workspace):
 
 def test_stage_arguments_must_agree_with_the_params(workspace, tiny_params):
     p, data = tiny_params, workspace / "data"
-    teachers, ref = data / "teachers/metrics.json", data / "logits/full.zarr"
+    ref = data / "logits/full.zarr"
     prepared = data / "prepared"
     with pytest.raises(ParamsError, match="not one of cache.stores"):
-        run_student_stage(p, StageInputs(prepared, teachers, ref, "nope", ref), data / "out")
+        run_student_stage(p, StageInputs(prepared, ref, "nope", ref), data / "out")
     with pytest.raises(ParamsError, match="exactly when"):
-        run_student_stage(p, StageInputs(prepared, teachers, ref, "full", None), data / "out")
+        run_student_stage(p, StageInputs(prepared, ref, "full", None), data / "out")
     with pytest.raises(ParamsError, match="exactly when"):
-        run_student_stage(p, StageInputs(prepared, teachers, ref, None, ref), data / "out")
+        run_student_stage(p, StageInputs(prepared, ref, None, ref), data / "out")
 
 
 def test_seeds_are_deterministic_on_cpu(workspace, tiny_params):
     """Two from-scratch runs of a stage (nothing to reuse) write the same rows."""
     p, data = tiny_params, workspace / "data"
-    inputs = StageInputs(
-        data / "prepared", data / "teachers/metrics.json", data / "logits/full.zarr"
-    )
+    inputs = StageInputs(data / "prepared", data / "logits/full.zarr")
     runs = [json.loads(run_student_stage(p, inputs, data / d).read_text()) for d in "ab"]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rows]  # noqa: E731
     assert strip(runs[0]) == strip(runs[1])
@@ -160,10 +159,8 @@ def test_seeds_are_deterministic_on_cpu(workspace, tiny_params):
 
 
 def test_student_refuses_a_cache_from_another_teacher(workspace, tiny_params):
-    metrics = workspace / "data/teachers/metrics.json"
-    m = json.loads(metrics.read_text())
-    m["main"]["fingerprint"] = m["random_head"]["fingerprint"]
-    metrics.write_text(json.dumps(m))
+    teachers = workspace / "data/teachers"
+    shutil.copy(teachers / "random_head.safetensors", teachers / "main.safetensors")
     with pytest.raises(CacheError, match="another teacher"):
         student_stage(tiny_params, workspace, "full")
 
@@ -213,11 +210,11 @@ def test_students_share_a_stack_when_only_lambda_tau_seed_and_data_differ(worksp
     prep = load_prepared(workspace / "data/prepared")
 
     def keys(p: Params, method: str) -> set:
-        store = p.store_or_none(method)
+        (store,) = p.stores_or_none(method)
         t = targets[store] if store else NO_TARGETS
         return {
             stack_key(job, student_data(job, prep, t, p.student.val_fraction)[2])
-            for job in student_jobs(p, method)
+            for job in student_jobs(p, method, store)
         }
 
     kd = keys(p, "kd")
@@ -280,7 +277,7 @@ def test_pickled_checkpoint_is_refused_without_running_it(workspace, tiny_params
 
 def test_checkpoint_with_wrong_shapes_is_refused(workspace):
     raw = tiny_raw()
-    raw["teacher"]["width"] = 32
+    set_teachers(raw, width=32)
     with pytest.raises(CheckpointError, match="does not fit the configured model"):
         _build_full(parse_params(raw), workspace)
 
@@ -291,7 +288,7 @@ def test_the_cache_stage_runs_the_saved_teacher(workspace, tiny_params):
     from kdsweep.io import load_checkpoint
 
     prep = load_prepared(workspace / "data/prepared")
-    model = teacher_model(tiny_params, prep)
+    model = teacher_model(tiny_params.teachers["main"], prep)
     load_checkpoint(model, workspace / "data/teachers/main.safetensors")
     with torch.no_grad():
         want = model.eval()(prep.splits.x_test[:20])
@@ -309,8 +306,8 @@ def test_nan_loss_stops_with_a_clear_error():
         fit(m, x, lambda z, i: z.sum(-1) * float("nan"), 3, 16, 0.01, 0.0, 0)
 
 
-def test_a_missing_teacher_metrics_file_is_explained(workspace: Path, tiny_params: Params) -> None:
+def test_a_missing_teacher_checkpoint_is_explained(workspace: Path, tiny_params: Params) -> None:
     prep = load_prepared(workspace / "data" / "prepared")
     store = workspace / "data" / "logits" / "full.zarr"
-    with pytest.raises(CacheError, match="dvc pull teacher"):
-        open_store(tiny_params, "full", store, workspace / "missing.json", prep)
+    with pytest.raises(CheckpointError, match="not found: run `dvc repro teacher` or `dvc pull`"):
+        open_store(tiny_params, "full", store, prep, workspace / "missing.safetensors")

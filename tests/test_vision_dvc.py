@@ -18,6 +18,7 @@ import yaml
 from PIL import Image
 
 from bench.common import dvc_env, temp_repo
+from tests.conftest import set_teachers
 
 REPO = Path(__file__).resolve().parents[1]
 HUES = np.array(
@@ -58,7 +59,7 @@ def imagefolder_params(root: Path, n_train: int, n_test: int) -> dict:
     raw["data"] = {"name": "imagefolder", "root": str(root), "n_train": n_train, "n_test": n_test}
     raw["alphas"] = [0.1, 1.0]
     raw["subset_seeds"] = [0]
-    raw["teacher"].update(arch="resnet20", width=8, epochs=3, batch_size=64, lr=0.003)
+    set_teachers(raw, arch="resnet20", width=8, epochs=3, batch_size=64, lr=0.003)
     raw["cache"].update(chunk_rows=512, batch_size=256)
     raw["cache"]["stores"] = {
         "full": {"teacher": "main", "kind": "full", "dtype": "float16", "views": 2}
@@ -83,7 +84,7 @@ def test_dvc_repro_on_an_imagefolder_with_views(tmp_path: Path) -> None:
     classes = write_easy_imagefolder(tmp_path / "images", per_class=(50, 20), noise=20.0)
     raw = imagefolder_params(tmp_path / "images", 50 * classes, 20 * classes)
     raw["alphas"] = [1.0]  # CI-sized: one student per method, smaller batches
-    raw["teacher"].update(epochs=8, batch_size=32)  # 128 steps: a confident teacher
+    set_teachers(raw, epochs=8, batch_size=32)  # 128 steps: a confident teacher
     raw["student"]["batch_size"] = 32
     repo = temp_repo(yaml.safe_dump(raw))
     res = subprocess.run(

@@ -17,14 +17,14 @@ from kdsweep.report import write_report
 from kdsweep.runs import collect_runs, write_parquet
 from kdsweep.targets import TeacherTargets, ViewBatches
 from kdsweep.teacher import teacher_model
-from tests.conftest import build_upstream, student_stage, tiny_raw
+from tests.conftest import build_upstream, set_teachers, student_stage, tiny_raw
 from tests.test_images import no_md5, write_cifar100  # noqa: F401  (no_md5 is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def shrink(raw: dict) -> dict:
-    raw["teacher"].update(epochs=1, batch_size=16)
+    set_teachers(raw, epochs=1, batch_size=16)
     raw["student"].update(budget={"mode": "steps", "value": 4}, batch_size=8, train_seeds=[0])
     raw["subset_seeds"] = [0]
     raw["cache"].update(chunk_rows=16, batch_size=8)
@@ -50,7 +50,7 @@ def test_cifar100_params_file_runs_on_generated_cifar_data_with_views(tmp_path, 
     write_cifar100(tmp_path / "raw", n_train=120, n_test=20)
     raw = shrink(yaml.safe_load((REPO / "params/cifar100.yaml").read_text()))
     raw["data"].update(root=str(tmp_path / "raw"), n_train=120, n_test=20)
-    raw["teacher"].update(arch="resnet20", width=4)
+    set_teachers(raw, arch="resnet20", width=4)
     raw["student"].update(arch="resnet20", width=4, stacked="off")  # ViewBatches, spied below
     raw["alphas"] = [1.0]
     raw["cache"]["stores"] = {
@@ -69,7 +69,7 @@ def test_cifar100_params_file_runs_on_generated_cifar_data_with_views(tmp_path, 
     assert cache.read("test").tensors["logits"].shape == (n_test, 100)  # no views of the test split
     # the stored outputs are the teacher's outputs for exactly the stored views
     prep = load_prepared(data / "prepared")
-    teacher = teacher_model(p, prep)
+    teacher = teacher_model(p.teachers["main"], prep)
     load_checkpoint(teacher, data / "teachers/main.safetensors")
     x = prep.splits.x_train[:10]
     for v in range(views):
@@ -113,14 +113,14 @@ def test_cifar100_params_file_runs_on_generated_cifar_data_with_views(tmp_path, 
 def test_digits_pipeline_end_to_end(tmp_path):
     raw = shrink(tiny_raw())
     raw["data"] = {"name": "digits", "n_train": 1200, "n_test": 300, "seed": 0}
-    raw["teacher"].update(arch="mlp", width=32, epochs=3)
+    set_teachers(raw, arch="mlp", width=32, epochs=3)
     raw["student"].update(arch="resnet20", width=4)
     raw["alphas"] = [0.1, 1.0]
     raw["sweep"]["ablation_methods"] = ["kd_top3", "ls_matched"]
     p = parse_params(raw)
     build_upstream(p, tmp_path)
-    teacher = json.loads((tmp_path / "data/teachers/metrics.json").read_text())
-    assert teacher["main"]["test_acc"] > 0.5  # an MLP learns 8x8 digits in a few epochs
+    teacher = json.loads((tmp_path / "data/teachers/main.json").read_text())
+    assert teacher["test_acc"] > 0.5  # an MLP learns 8x8 digits in a few epochs
     rows = run_students(p, tmp_path)
     assert len(rows) == expected_rows(p) and {r["dataset"] for r in rows} == {"digits"}
     write_parquet(

@@ -112,7 +112,6 @@ def student(
         spec = p.cache.stores.get(store)  # an unknown store: run_student_stage says so
         inputs = StageInputs(
             data / "prepared",
-            data / "teachers" / "metrics.json",
             data / "logits" / f"{p.cache.reference}.zarr",
             None if store == "labels" else store,
             None if store == "labels" else data / "logits" / f"{store}.zarr",

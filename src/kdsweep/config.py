@@ -42,7 +42,6 @@ from kdsweep.registry import (
     DATASETS,
     HYPER,
     LOSSES,
-    TEACHERS,
     Registry,
     augment_for,
 )
@@ -187,6 +186,10 @@ class DataParams(Strict):
 
 
 class TeacherParams(Strict):
+    """One teacher of `teachers:`, trained on the full training split by its `teacher@<name>`
+    stage. `head: random` re-initialises its last layer after training (the `random_head`
+    control: the trained features, no class structure in the outputs)."""
+
     arch: str = "cnn1d"
     width: int = Field(64, gt=0)
     epochs: int = Field(20, gt=0)
@@ -196,6 +199,7 @@ class TeacherParams(Strict):
     seed: int = 0
     device: Device = "auto"
     augment: bool = False  # train on fresh views of the data's augmentation family (AUGMENTS)
+    head: Literal["trained", "random"] = "trained"
 
 
 class Codec(Strict):
@@ -206,7 +210,7 @@ class Codec(Strict):
 
 
 class StoreParams(Strict):
-    """One store: which teacher (TEACHERS) it caches and in which kind (CACHE_KINDS).
+    """One store: which teacher (of `teachers:`) it caches and in which kind (CACHE_KINDS).
 
     `views`: 1 trains on the clean inputs; V > 1 caches V augmented views per training row (the
     data's augmentation family, `registry.AUGMENTS`) and its students replay them; "fresh" (kind
@@ -224,7 +228,6 @@ class StoreParams(Strict):
 
     @model_validator(mode="after")
     def _known_and_k_matches_kind(self) -> StoreParams:
-        _choice("teacher", self.teacher, TEACHERS)
         for key in ("tau", "draws"):
             if key in self.model_fields_set and self.kind != "sampled":
                 raise ValueError(
@@ -295,6 +298,9 @@ class DaskParams(Strict):
 
 
 class StudentParams(Strict):
+    """`student:` — what every student shares (where and how it trains), and the defaults of
+    the recipe fields (RECIPE) that each configuration of `students:` may override."""
+
     arch: str = "cnn1d"
     width: int = Field(64, gt=0)
     budget: Budget = Budget()
@@ -316,6 +322,22 @@ class StudentParams(Strict):
         return self.model_dump(mode="json", by_alias=True, exclude=placement)
 
 
+RECIPE = ("arch", "width", "budget", "batch_size", "lr", "weight_decay")
+"""The fields of a student configuration: what `students.<name>` may set over `student:`."""
+
+
+class StudentConfig(Strict):
+    """One named student configuration (`students.<name>`): the recipe fields it changes from
+    `student:`; `{}` is `student:` itself."""
+
+    arch: str | None = None
+    width: int | None = Field(None, gt=0)
+    budget: Budget | None = None
+    batch_size: int | None = Field(None, gt=0)
+    lr: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+
+
 Unit = Annotated[float, Field(ge=0, le=1)]
 Tau = Annotated[float, Field(gt=0)]
 
@@ -327,7 +349,9 @@ class MethodParams(Strict):
     lam: Unit = Field(1.0, alias="lambda")
     tau: Tau | list[Tau] = 1.0
     epsilon: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    cache: str | None = None  # which store of cache.stores; default: cache.reference
+    # which store(s) of cache.stores: a list trains the method once per store (and so per
+    # teacher, the teacher axis of the report); default: cache.reference
+    cache: Name | list[Name] | None = None
     topk_mode: Literal["tail", "spread", "renorm"] = "tail"  # TopK.distill: the tail model
 
     @model_validator(mode="after")
@@ -351,12 +375,16 @@ class MethodParams(Strict):
 
 
 class SweepParams(Strict):
-    """Which methods the `student@<α>` stages train at every alpha, and which the `ablation@<α>`
-    stages train at `ablation_alphas` only (each stage: all its methods in one process)."""
+    """Which students train: `methods` at every alpha, by each configuration that `students`
+    maps to `all` of them or to a list of them (default: every configuration of `students:`,
+    all methods); `ablation_methods` at `ablation_alphas` only, by each of `ablation_students`
+    (default: the first configuration of `students`)."""
 
     methods: list[str]
     ablation_alphas: list[Annotated[float, Field(gt=0, le=1)]] = []
     ablation_methods: list[str] = []
+    students: dict[str, Literal["all"] | list[str]] | None = None
+    ablation_students: list[str] | None = None
 
 
 class AnalysisParams(Strict):
@@ -382,29 +410,45 @@ class Params(Strict):
     data: DataParams = DataParams()
     alphas: list[float]
     subset_seeds: list[int] = [0]
-    teacher: TeacherParams = TeacherParams()
+    teachers: dict[Name, TeacherParams]
     cache: CacheParams
     student: StudentParams = StudentParams()
+    students: dict[Name, StudentConfig]
     methods: dict[Name, MethodParams]
     sweep: SweepParams
     analysis: AnalysisParams = AnalysisParams()
 
-    def store_of(self, method: str) -> str:
-        """The cache store a method reads: its own `cache`, else `cache.reference`."""
-        return self.methods[method].cache or self.cache.reference
+    def stores_of(self, method: str) -> list[str]:
+        """The cache stores a method reads (one student per store): its own `cache`, else
+        `cache.reference`."""
+        c = self.methods[method].cache
+        return c if isinstance(c, list) else [c or self.cache.reference]
 
-    def store_or_none(self, method: str) -> str | None:
-        """The store a method reads, or None for a method of labels only."""
-        return self.store_of(method) if self.methods[method].uses_teacher else None
+    def stores_or_none(self, method: str) -> list[str | None]:
+        """The stores a method reads, or [None] for a method of labels only."""
+        return self.stores_of(method) if self.methods[method].uses_teacher else [None]
 
     def alphas_of(self, method: str) -> list[float]:
         """The α a method trains at: `alphas` for the main sweep, else `sweep.ablation_alphas`."""
         return self.alphas if method in self.sweep.methods else self.sweep.ablation_alphas
 
+    def students_of(self, method: str) -> list[str]:
+        """The student configurations a method trains: `sweep.students` (default: all) for the
+        main sweep, else `sweep.ablation_students` (default: the first of those)."""
+        chosen = self.sweep.students or dict.fromkeys(self.students, "all")
+        if method in self.sweep.methods:
+            return [s for s, ms in chosen.items() if ms == "all" or method in ms]
+        return self.sweep.ablation_students or list(chosen)[:1]
+
+    def student_config(self, name: str) -> StudentParams:
+        """Student configuration `name`: `student:` with the fields `students.<name>` sets."""
+        over = self.students[name].model_dump(exclude_none=True)
+        return self.student.model_copy(update={k: getattr(self.students[name], k) for k in over})
+
     def methods_reading(self, store: str | None) -> list[str]:
         """The swept methods that read `store` (None: those of labels only), in sweep order."""
         swept = [*self.sweep.methods, *self.sweep.ablation_methods]
-        return [m for m in swept if self.store_or_none(m) == store]
+        return [m for m in swept if store in self.stores_or_none(m)]
 
     @field_validator("alphas")
     @classmethod
@@ -441,37 +485,61 @@ class Params(Strict):
         _choice("cache.reference store", self.cache.reference, self.cache.stores)
         if STUDENTS_OF_LABELS in self.cache.stores:
             raise ValueError(f"cache.stores: {STUDENTS_OF_LABELS!r} names the label-only students")
-        _check_arch("teacher.arch", self.teacher.arch, self.data.name)
+        if not self.teachers:
+            raise ValueError("teachers: name at least one teacher")
+        for name, t in self.teachers.items():
+            _check_arch(f"teachers.{name}.arch", t.arch, self.data.name)
+        for name, store in self.cache.stores.items():
+            _choice(f"cache.stores.{name}.teacher", store.teacher, self.teachers)
         rank = DATASETS[self.data.name].input_rank
         augmented = [f"cache.stores.{n}.views" for n, s in self.cache.stores.items() if s.augmented]
-        for key in (["teacher.augment"] if self.teacher.augment else []) + augmented:
+        augmented += [f"teachers.{n}.augment" for n, t in self.teachers.items() if t.augment]
+        for key in augmented:
             if augment_for(rank) is None:
                 raise ValueError(
                     f"{key}: data.name={self.data.name!r} (inputs of rank {rank}) has no "
                     f"augmentation family ({', '.join(AUGMENTS)}): use clean inputs"
                 )
-        _check_arch("student.arch", self.student.arch, self.data.name)
+        if not self.students:
+            raise ValueError("students: name at least one student configuration ({} is student:)")
+        for name, over in self.students.items():  # the key the user wrote the arch under
+            key = f"students.{name}.arch" if over.arch is not None else "student.arch"
+            _check_arch(key, self.student_config(name).arch, self.data.name)
         _unique("subset_seeds", self.subset_seeds, allow_empty=False)
         _unique("student.train_seeds", self.student.train_seeds, allow_empty=False)
         for name, m in self.methods.items():
-            if m.cache is not None:
-                _choice(f"methods.{name}.cache store", m.cache, self.cache.stores)
+            caches = m.cache if isinstance(m.cache, list) else [m.cache] * (m.cache is not None)
+            _unique(f"methods.{name}.cache", caches)
+            for c in caches:
+                _choice(f"methods.{name}.cache store", c, self.cache.stores)
             _unique(f"methods.{name}.tau", m.taus)
-            store = self.cache.stores[self.store_of(name)]
             loss = LOSSES[m.loss]
-            if m.uses_teacher and store.kind not in loss.kinds:
-                raise ValueError(
-                    f"methods.{name}: loss {m.loss!r} reads caches of kind "
-                    f"{', '.join(loss.kinds)}, not store {self.store_of(name)!r} ({store.kind})"
-                )
-            if m.uses_teacher and store.kind == "sampled" and m.taus != [store.tau]:
-                s = self.store_of(name)
-                raise ValueError(
-                    f"methods.{name}.tau={m.tau}: store {s!r} holds draws from the teacher at "
-                    f"cache.stores.{s}.tau={store.tau:g}, so its students must train at exactly "
-                    f"that tau (set methods.{name}.tau: {store.tau:g}, or change "
-                    f"cache.stores.{s}.tau)"
-                )
+            for s in self.stores_of(name) if m.uses_teacher else []:
+                store = self.cache.stores[s]
+                if store.kind not in loss.kinds:
+                    raise ValueError(
+                        f"methods.{name}: loss {m.loss!r} reads caches of kind "
+                        f"{', '.join(loss.kinds)}, not store {s!r} ({store.kind})"
+                    )
+                if store.kind == "sampled" and m.taus != [store.tau]:
+                    raise ValueError(
+                        f"methods.{name}.tau={m.tau}: store {s!r} holds draws from the teacher "
+                        f"at cache.stores.{s}.tau={store.tau:g}, so its students must train at "
+                        f"exactly that tau (set methods.{name}.tau: {store.tau:g}, or change "
+                        f"cache.stores.{s}.tau)"
+                    )
+        for key in ("students", "ablation_students"):
+            names = getattr(self.sweep, key)
+            if names is not None:
+                _unique(f"sweep.{key}", list(names), allow_empty=False)
+                unknown = [n for n in names if n not in self.students]
+                if unknown:
+                    raise ValueError(f"sweep.{key} names {unknown}, not defined under students")
+        for name, ms in (self.sweep.students or {}).items():
+            if ms != "all":
+                _unique(f"sweep.students.{name}", ms, allow_empty=False)
+                if stray := [m for m in ms if m not in self.sweep.methods]:
+                    raise ValueError(f"sweep.students.{name} names {stray}, not in sweep.methods")
         for key in ("methods", "ablation_methods"):
             names = getattr(self.sweep, key)
             _unique(f"sweep.{key}", names, allow_empty=key != "methods")
@@ -508,10 +576,9 @@ class Params(Strict):
             rows * per_row,
             f"{rows:,} rows with n_test, ≥ {per_row} B each",
         )
-        for key, width in (
-            ("teacher.width", self.teacher.width),
-            ("student.width", self.student.width),
-        ):
+        widths = [(f"teachers.{n}.width", t.width) for n, t in self.teachers.items()]
+        widths += [(f"students.{n}.width", s.width) for n, s in self.students.items() if s.width]
+        for key, width in [("student.width", self.student.width), *widths]:
             _fits(key, width, _PARAM_BYTES * width**2, f"a {width}x{width} layer in training")
         for key, n in (
             ("cache.chunk_rows", self.cache.chunk_rows),

@@ -158,6 +158,17 @@ def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
     model.load_state_dict(state)
 
 
+def checkpoint_meta(path: Path) -> dict[str, str]:
+    """The metadata a safetensors checkpoint was saved with (its header only: no weights read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a valid safetensors checkpoint ({err})") from None
+
+
 def tensors_fingerprint(tensors: dict[str, Any]) -> str:
     """sha256 over named tensors (names, dtypes, shapes, bytes), independent of dict order."""
     import torch
@@ -179,6 +190,8 @@ def weights_fingerprint(path: Path) -> str:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if not Path(path).exists():
+        raise CheckpointError(f"checkpoint {path} not found: run `dvc repro teacher` or `dvc pull`")
     try:
         state = load_file(path)
     except (SafetensorError, OSError, ValueError) as err:

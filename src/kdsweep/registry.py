@@ -296,8 +296,3 @@ LOSSES.register(
     Loss("top1_teacher", f"{_C}:identity", "teacher's argmax as a hard label", labels="teacher")
 )
 HYPER = ("lambda", "tau", "epsilon", "topk_mode")  # method keys a loss may declare in `hyper`
-
-
-TEACHERS = ("main", "random_head")
-"""The checkpoints the teacher stage writes: the teacher, and the same network with its last
-layer re-initialised (the `random_head` control); a store names the one it caches."""

@@ -28,9 +28,14 @@ class RunRecord:
     run_id: str
     dataset: str
     task: str
-    teacher_id: str | None
-    teacher_arch: str
+    teacher_id: str | None  # the teacher of the store it reads (None: labels only)
+    teacher_arch: str | None
+    teacher_width: int | None
+    teacher_params: int | None
+    student: str  # its configuration, a key of `students:`
     student_arch: str
+    student_width: int
+    student_params: int
     method: str
     loss: str
     lam: float | None

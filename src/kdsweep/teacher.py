@@ -1,5 +1,7 @@
-"""The teacher stage: train the teacher once on the full training split (α=1) and save it with
-its random-head control. `teacher_model` builds the same network for the cache stage.
+"""The teacher stages: train each teacher of `teachers:` once on the full training split (α=1)
+and save its checkpoint and metrics. `teacher_model` builds the same network for the cache
+stage and for online students. A teacher with `head: random` is trained the same way and then
+has its last layer re-initialised (the `random_head` control).
 
 With `teacher.augment` the teacher trains on fresh random views (kdsweep.augment: crop/flip for
 images, shift/scale/noise for MNIST-1D), the family the cache's views are drawn from: a teacher
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 
 from kdsweep.augment import family_for, fresh_views
-from kdsweep.config import Params
+from kdsweep.config import Params, TeacherParams
 from kdsweep.data.prepared import Prepared
 from kdsweep.io import (
     atomic_write_json,
@@ -25,28 +27,33 @@ from kdsweep.io import (
 )
 from kdsweep.metrics import evaluate
 from kdsweep.models import build_model, reinit_head
-from kdsweep.registry import TEACHERS
 from kdsweep.train import BatchFn, fit, num_steps, pick_device, predict
 
 
-def teacher_model(p: Params, prep: Prepared) -> torch.nn.Module:
+def teacher_model(t: TeacherParams, prep: Prepared) -> torch.nn.Module:
+    """Teacher `t`'s network for the prepared data, initialised from its seed."""
     s = prep.splits
-    torch.manual_seed(p.teacher.seed)
-    return build_model(p.teacher.arch, tuple(s.x_train.shape[1:]), s.num_classes, p.teacher.width)
+    torch.manual_seed(t.seed)
+    return build_model(t.arch, tuple(s.x_train.shape[1:]), s.num_classes, t.width)
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(q.numel() for q in model.parameters())
 
 
 def train_teacher(
-    p: Params, prep: Prepared, out_dir: Path, rank: int = 0, world: int = 1
+    p: Params, name: str, prep: Prepared, out: Path, rank: int = 0, world: int = 1
 ) -> dict[str, Any]:
-    """Train the teacher on the full training split (α=1); save `<out_dir>/<id>.safetensors` for
-    every id of TEACHERS (the teacher and its random-head control) and `metrics.json`.
+    """Train teacher `name` of `teachers:` on the full training split (α=1); save its weights to
+    `out` (safetensors) and its metrics beside them (`out` with suffix .json: test accuracy,
+    parameter count, weights fingerprint).
 
     Under torchrun (`world > 1`) the model is wrapped in DistributedDataParallel and each rank
     trains on its own equal shard of the training split; rank 0 saves.
     """
-    s, t = prep.splits, p.teacher
+    s, t = prep.splits, p.teachers[name]
     device = rank_device(t.device, rank)
-    model = teacher_model(p, prep).to(device)
+    model = teacher_model(t, prep).to(device)
     shard = len(s.y_train) // world
     x = s.x_train[rank * shard : (rank + 1) * shard].to(device)
     y = s.y_train[rank * shard : (rank + 1) * shard].to(device)
@@ -63,25 +70,35 @@ def train_teacher(
         t.lr,
         t.weight_decay,
         t.seed + rank,
-        desc="teacher",
+        desc=f"teacher {name}",
         batch=fresh_batches(x, t.seed + rank) if t.augment else None,
     )
     model = model.cpu()
     if rank != 0:
         return {}
     report_work("train", seconds)
-    metrics: dict[str, Any] = {"train_seconds": seconds, "steps": steps}
-    for tid in TEACHERS:
-        if tid == "random_head":
-            reinit_head(model, t.seed + 1)
-        path = Path(out_dir) / f"{tid}.safetensors"
-        save_checkpoint(model, path, {"arch": t.arch, "dataset_fingerprint": prep.fingerprint})
-        score = evaluate(predict(model, s.x_test), s.y_test)
-        metrics[tid] = {"test_acc": score["test_acc"], "fingerprint": weights_fingerprint(path)}
-        if s.tokenizer_json is not None:  # a language model: students must beat its perplexity
-            metrics[tid]["test_ppl"] = score["test_ppl"]
-    atomic_write_json(Path(out_dir) / "metrics.json", metrics)
+    if t.head == "random":
+        reinit_head(model, t.seed + 1)
+    out = Path(out)
+    meta = {"arch": t.arch, "dataset_fingerprint": prep.fingerprint, "n_params": n_params(model)}
+    save_checkpoint(model, out, {k: str(v) for k, v in meta.items()})
+    score = evaluate(predict(model, s.x_test), s.y_test)
+    metrics: dict[str, Any] = {
+        "train_seconds": seconds,
+        "steps": steps,
+        "test_acc": score["test_acc"],
+        "n_params": n_params(model),
+        "fingerprint": weights_fingerprint(out),
+    }
+    if s.tokenizer_json is not None:  # a language model: students must beat its perplexity
+        metrics["test_ppl"] = score["test_ppl"]
+    atomic_write_json(teacher_metrics(out), metrics)
     return metrics
+
+
+def teacher_metrics(checkpoint: Path) -> Path:
+    """Where the teacher stage writes the metrics of the teacher saved at `checkpoint`."""
+    return Path(checkpoint).with_suffix(".json")
 
 
 def fresh_batches(x: torch.Tensor, seed: int) -> BatchFn:

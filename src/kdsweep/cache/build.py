@@ -21,7 +21,7 @@ from kdsweep.config import Params
 from kdsweep.data.prepared import Prepared
 from kdsweep.distributed import barrier
 from kdsweep.io import load_checkpoint, report_work, weights_fingerprint
-from kdsweep.teacher import rank_device, teacher_model
+from kdsweep.teacher import rank_device, teacher_metrics, teacher_model
 from kdsweep.train import accuracy, predict
 
 # Diagnostics cover the first rows of the training split (class-interleaved by prepare) up to
@@ -47,9 +47,9 @@ def build_cache(
     """Run the teacher in `checkpoint` over the train and test splits into the store `out`
     (params `cache.stores.<name>`), and write its `summary` for the report."""
     store = p.cache.stores[name]
-    model = teacher_model(p, prep)
+    model = teacher_model(p.teachers[store.teacher], prep)
     load_checkpoint(model, checkpoint)
-    device = rank_device(p.teacher.device, rank)
+    device = rank_device(p.teachers[store.teacher].device, rank)
     model.to(device).eval()
     sampled, online = store.kind == "sampled", store.kind == "online"
     spec = StoreSpec(
@@ -93,7 +93,7 @@ def build_cache(
         if store.views == "fresh":  # a sample of the fresh views its students will see
             aug = family_for(s.x_train).draw(len(s.x_train), DIAGNOSTIC_VIEWS, p.cache.aug_seed)
         diagnostics = teacher_diagnostics(model, s.x_train, s.y_train, aug, p.cache.batch_size)
-        metrics = checkpoint.parent / "metrics.json"
+        metrics = teacher_metrics(checkpoint)
         write_summary(name, store.teacher, out, metrics, summary, diagnostics, store.views)
 
 
@@ -139,7 +139,7 @@ def write_summary(
     name: str,
     teacher: str,
     store: Path,
-    metrics: Path,
+    metrics: Path,  # the teacher stage's metrics of `teacher`
     out: Path,
     diagnostics: dict[str, Any] | None = None,
     views: int | str = 1,
@@ -148,7 +148,7 @@ def write_summary(
     the report's cache and diagnostics tables show."""
     info = LogitCache(store).info()
     a = info["attributes"]
-    scores = json.loads(metrics.read_text())[teacher] if metrics.exists() else {}
+    scores = json.loads(metrics.read_text()) if metrics.exists() else {}
     CacheSummary(
         name=name,
         kind=a["kind"],

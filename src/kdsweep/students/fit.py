@@ -85,7 +85,7 @@ def train_stack(
         # vmap over a single student rounds differently from vmap over several (whose members
         # do not depend on each other): a stack of one trains beside a copy of itself
         padded = members * 2 if len(members) == 1 else members
-        probe = student_model(p, num_classes, sd.prep.splits.x_train, seed=0)
+        probe = student_model(members[0].st, num_classes, sd.prep.splits.x_train, seed=0)
         key = stack_key(members[0], sd.train)
         trained = _fit_stack(
             p, key, padded, part, val, probe, num_classes, device, teacher, sd.fresh
@@ -99,7 +99,9 @@ def train_stack(
     report_work("train", sum(t[1] for t in trained))
     rev = git_rev()
     return [
-        run_record(p, job, *res, stack.path, sd.prep, sd.ref_test, rev, keys[i]).row()
+        run_record(
+            p, job, *res, stack.path, sd.prep, sd.ref_test, rev, keys[i], sd.teacher_params
+        ).row()
         for i, job, res in zip(stack.members, members, trained, strict=True)
     ]
 
@@ -124,8 +126,8 @@ def _fit_stack(
     A student's footprint is estimated as parameters + gradients + AdamW state (16 bytes a
     parameter) plus its subset, targets and a generous allowance for activations.
     """
-    st = p.student
-    _, _, kind, epsilon, topk_mode, _ = key
+    st = jobs[0].st
+    _, _, _, kind, epsilon, topk_mode, _ = key
     x0, y0, t0 = part(jobs[0])
     data_bytes = x0.nbytes + y0.nbytes + sum(v.nbytes for v in t0.tensors.values())
     n_params = sum(q.numel() for q in probe.parameters())
@@ -145,7 +147,7 @@ def _fit_stack(
         }
         select = _validation(st, [val(jobs[i]) for i in group], device)
         res = fit_stacked(
-            lambda seed: student_model(p, num_classes, sample, seed),
+            lambda seed: student_model(st, num_classes, sample, seed),
             [jobs[i].seed for i in group],
             xs.to(device),
             {k: v.to(device) for k, v in targets.items()},
@@ -199,8 +201,8 @@ def train_one(
     """One student on its own: (trained model on the CPU, seconds, fraction of negative KL terms,
     chosen step); `fresh` and `teacher` as `ViewBatches` takes them."""
     x, y, t = part[0].to(device), part[1].to(device), part[2].to(device)
-    st, m = p.student, job.m
-    model = student_model(p, num_classes, x, job.seed).to(device)
+    st, m = job.st, job.m
+    model = student_model(st, num_classes, x, job.seed).to(device)
     steps = student_steps(st, len(y))
     neg = torch.zeros((), device=device)
     terms = 0

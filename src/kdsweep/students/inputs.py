@@ -5,7 +5,6 @@ student's training inputs, labels and teacher rows (`student_data`)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,24 +15,26 @@ from kdsweep.cache.format import CacheError
 from kdsweep.cache.reader import LogitCache
 from kdsweep.config import Params, ParamsError
 from kdsweep.data.prepared import Prepared, load_prepared
-from kdsweep.io import load_checkpoint, tensors_fingerprint, weights_fingerprint
+from kdsweep.io import (
+    checkpoint_meta,
+    load_checkpoint,
+    tensors_fingerprint,
+    weights_fingerprint,
+)
 from kdsweep.models import build_model
 from kdsweep.registry import CACHE_KINDS, LOSSES
 from kdsweep.students.plan import StudentJob
 from kdsweep.targets import NO_TARGETS, TeacherTargets
 
 
-def open_store(p: Params, name: str, path: Path, teachers: Path, prep: Prepared) -> LogitCache:
-    """A cache store, checked against its teacher's weights fingerprint (from the teacher stage's
-    metrics file) and the prepared dataset."""
-    tid = p.cache.stores[name].teacher
-    try:
-        fingerprint = json.loads(Path(teachers).read_text())[tid]["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CacheError(
-            f"{teachers} holds no fingerprint of teacher {tid!r} ({err!r}): run "
-            "`dvc repro teacher` or `dvc pull teacher`"
-        ) from None
+def open_store(
+    p: Params, name: str, path: Path, prep: Prepared, checkpoint: Path | None = None
+) -> LogitCache:
+    """A cache store, checked against the prepared dataset and, given its teacher's
+    `checkpoint`, against that teacher's weights fingerprint. (The reference store, read for its
+    test outputs only, is checked against the dataset: DVC cannot name its teacher's checkpoint
+    as a dependency of another store's stage, and its own stages checked it.)"""
+    fingerprint = weights_fingerprint(checkpoint) if checkpoint is not None else None
     cache = LogitCache(path, fingerprint, prep.fingerprint)
     spec = p.cache.stores[name]
     if cache.kind == "sampled" and (cache.attrs["sample_tau"], cache.attrs["draws"]) != (
@@ -48,18 +49,12 @@ def open_store(p: Params, name: str, path: Path, teachers: Path, prep: Prepared)
     return cache
 
 
-def online_teacher(p: Params, store: LogitCache, checkpoint: Path, prep: Prepared) -> nn.Module:
-    """The teacher of an online store, from its checkpoint — refused unless its weights are the
-    ones the store (and so the teacher stage's metrics) names."""
-    have = weights_fingerprint(checkpoint)
-    if have != store.attrs["teacher_fingerprint"]:
-        raise CacheError(
-            f"{checkpoint} (weights {have[:12]}…) is not the teacher of {store.path} "
-            f"({store.attrs['teacher_fingerprint'][:12]}…): re-run `dvc repro teacher` or pull both"
-        )
-    s = prep.splits  # the teacher stage's network, its weights loaded (no training code here)
-    model = build_model(p.teacher.arch, tuple(s.x_train.shape[1:]), s.num_classes, p.teacher.width)
-    load_checkpoint(model, checkpoint)
+def online_teacher(p: Params, name: str, checkpoint: Path, prep: Prepared) -> nn.Module:
+    """The teacher of online store `name`, from its checkpoint (which `open_store` checked
+    against the store's teacher fingerprint)."""
+    t, s = p.teachers[p.cache.stores[name].teacher], prep.splits
+    model = build_model(t.arch, tuple(s.x_train.shape[1:]), s.num_classes, t.width)
+    load_checkpoint(model, checkpoint)  # its weights loaded: no teacher training code here
     return model.eval()
 
 
@@ -106,7 +101,6 @@ class StageInputs:
     (shared storage) instead of receiving the data from the client."""
 
     prepared: Path
-    teachers: Path  # the teacher stage's metrics.json: weight fingerprints
     reference: Path  # the cache.reference store: test agreement and KL
     store: str | None = None  # the store the students read; None: students of labels only
     logits: Path | None = None  # that store's Zarr path
@@ -127,6 +121,7 @@ class StageData:
     fingerprints: dict[str, str | None]
     fresh: bool = False
     teacher: nn.Module | None = None
+    teacher_params: int | None = None  # parameters of its store's teacher (capacity figure)
 
 
 _LOADED: dict[tuple[str, StageInputs, str], StageData] = {}
@@ -144,10 +139,10 @@ def stage_data(p: Params, inputs: StageInputs, run: str) -> StageData:
 
 def _load(p: Params, inputs: StageInputs) -> StageData:
     prep = load_prepared(inputs.prepared)
-    ref = open_store(p, p.cache.reference, inputs.reference, inputs.teachers, prep)
+    ref = open_store(p, p.cache.reference, inputs.reference, prep)
     t = ref.read("test")
     ref_test = (CACHE_KINDS.load(t.kind).top1(t), t.tensors.get("logits"))
-    train, fresh, teacher = NO_TARGETS, False, None
+    train, fresh, teacher, teacher_size = NO_TARGETS, False, None, None
     if inputs.store is None and p.methods_reading(None):
         # students of labels see the inputs of the reference store's students: its cached
         # views (each with its true label), fresh views, or the clean rows
@@ -155,11 +150,13 @@ def _load(p: Params, inputs: StageInputs) -> StageData:
         if ref.attrs["views"] > 1:
             train = TeacherTargets(None, {"aug": ref.read("train").tensors["aug"]})
     if inputs.store is not None and p.methods_reading(inputs.store):
-        store = open_store(p, inputs.store, inputs.logits, inputs.teachers, prep)
+        if inputs.checkpoint is None:
+            raise ParamsError(f"store {inputs.store!r}: give its teacher's checkpoint")
+        store = open_store(p, inputs.store, inputs.logits, prep, inputs.checkpoint)
+        size = checkpoint_meta(inputs.checkpoint).get("n_params")
+        teacher_size = int(size) if size is not None else None
         if store.kind == "online":
-            if inputs.checkpoint is None:
-                raise ParamsError(f"store {inputs.store!r} is online: give its teacher checkpoint")
-            teacher = online_teacher(p, store, inputs.checkpoint, prep)
+            teacher = online_teacher(p, inputs.store, inputs.checkpoint, prep)
             fresh = p.cache.stores[inputs.store].views == "fresh"
             train = TeacherTargets("online", {})
         else:
@@ -174,4 +171,4 @@ def _load(p: Params, inputs: StageInputs) -> StageData:
         "teacher": weights_fingerprint(inputs.checkpoint) if teacher is not None else None,
         "reference": tensors_fingerprint(ref_tensors),
     }
-    return StageData(prep, train, ref_test, fingerprints, fresh, teacher)
+    return StageData(prep, train, ref_test, fingerprints, fresh, teacher, teacher_size)

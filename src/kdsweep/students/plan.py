@@ -29,7 +29,8 @@ CPU_STACK_MAX_PARAMS = 25_000
 
 @dataclass(frozen=True)
 class StudentJob:
-    """One student: the recipe, the subset and the seed."""
+    """One student: the recipe, the store it reads (None: labels only), its configuration
+    (`student`: a key of `students:`, `st`: that configuration), the subset and the seed."""
 
     method: str
     m: MethodParams
@@ -37,6 +38,9 @@ class StudentJob:
     alpha: float
     subset_seed: int
     train_seed: int
+    store: str | None
+    student: str
+    st: StudentParams
 
     @property
     def seed(self) -> int:
@@ -44,13 +48,18 @@ class StudentJob:
         return 1000 * self.subset_seed + self.train_seed
 
 
-def student_jobs(p: Params, method: str) -> list[StudentJob]:
-    """Every student of `method`: its α × subset seeds × train seeds × τ."""
+def student_jobs(p: Params, method: str, store: str | None) -> list[StudentJob]:
+    """Every student of `method` that reads `store`: its student configurations × α × subset
+    seeds × train seeds × τ."""
     m = p.methods[method]
     return [
-        StudentJob(method, m, tau, alpha, s, r)
-        for alpha, s, r, tau in itertools.product(
-            p.alphas_of(method), p.subset_seeds, p.student.train_seeds, m.taus
+        StudentJob(method, m, tau, alpha, s, r, store, name, p.student_config(name))
+        for name, alpha, s, r, tau in itertools.product(
+            p.students_of(method),
+            p.alphas_of(method),
+            p.subset_seeds,
+            p.student.train_seeds,
+            m.taus,
         )
     ]
 
@@ -59,10 +68,12 @@ def stack_key(job: StudentJob, t: TeacherTargets) -> tuple:
     """Students with equal keys compute the same loss function on targets of the same per-row
     shapes and differ only in λ, τ, seed and data, so they can share one stack (`t`: the teacher
     rows the job reads, any number of them). Controls are KD on transformed targets of the same
-    shape, and teacher-label students are CE on other labels; one α per stack (equal subsets)."""
+    shape, and teacher-label students are CE on other labels; one α per stack (equal subsets)
+    and one student configuration (equal networks and budgets)."""
     loss = LOSSES[job.m.loss]
     shapes = tuple((n, tuple(v.shape[1:]), v.dtype) for n, v in sorted(t.tensors.items()))
     return (
+        job.student,
         job.alpha,
         loss.distill,
         t.kind if loss.distill else None,
@@ -116,7 +127,7 @@ class Stack:
 
 def stage_jobs(p: Params, store: str | None) -> list[StudentJob]:
     """Every student of the stage of `store` (None: labels), in a fixed order."""
-    return [job for method in p.methods_reading(store) for job in student_jobs(p, method)]
+    return [job for method in p.methods_reading(store) for job in student_jobs(p, method, store)]
 
 
 def train_threads(st: StudentParams) -> int:
@@ -142,10 +153,13 @@ def student_steps(st: StudentParams, n: int) -> int:
     return num_steps(b.mode, b.value, n, st.batch_size, b.min_epochs)
 
 
-def student_model(p: Params, num_classes: int, x: torch.Tensor, seed: int) -> torch.nn.Module:
-    """A fresh student for inputs like `x`; the seed fixes its initialisation."""
+def student_model(
+    st: StudentParams, num_classes: int, x: torch.Tensor, seed: int
+) -> torch.nn.Module:
+    """A fresh student of configuration `st` for inputs like `x`; the seed fixes its
+    initialisation."""
     torch.manual_seed(seed)
-    return build_model(p.student.arch, tuple(x.shape[1:]), num_classes, p.student.width)
+    return build_model(st.arch, tuple(x.shape[1:]), num_classes, st.width)
 
 
 def plan_stacks(
@@ -155,14 +169,14 @@ def plan_stacks(
     so that a student's path (and so its row) does not depend on which others are reused;
     `train`: the teacher rows the stage's students read, `x`: inputs like theirs."""
     device = pick_device(p.student.device)
-    probe = student_model(p, num_classes, x, seed=0)
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
         groups.setdefault(stack_key(job, train), []).append(i)
-    vmappable = ARCHS[p.student.arch].vmappable
-    return [
-        Stack(
-            tuple(members), choose_path(device, probe, vmappable, len(members), p.student.stacked)
-        )
-        for members in groups.values()
-    ]
+    stacks = []
+    for members in groups.values():
+        st = jobs[members[0]].st
+        probe = student_model(st, num_classes, x, seed=0)
+        vmappable = ARCHS[st.arch].vmappable
+        path = choose_path(device, probe, vmappable, len(members), p.student.stacked)
+        stacks.append(Stack(tuple(members), path))
+    return stacks

@@ -38,9 +38,11 @@ def run_record(
     ref_test: tuple[torch.Tensor, torch.Tensor | None],
     rev: str,
     key: str,
+    teacher_params: int | None,
 ) -> RunRecord:
-    """Evaluate a trained student on the test split and describe it as one RunRecord."""
-    st, m = p.student, job.m
+    """Evaluate a trained student on the test split and describe it as one RunRecord
+    (`teacher_params`: the parameter count of its store's teacher, None for labels)."""
+    st, m = job.st, job.m
     loss = LOSSES[m.loss]
     s = prep.splits
     metrics = evaluate(predict(model, s.x_test), s.y_test, *ref_test)
@@ -48,15 +50,21 @@ def run_record(
     val = evaluate(predict(model, s.x_train[val_idx]), s.y_train[val_idx])
     n_train = len(train_idx)
     steps = student_steps(st, n_train)
-    name = p.store_or_none(job.method)
+    name = job.store
     store = p.cache.stores[name] if name else None
+    teacher = p.teachers[store.teacher] if store else None
     return RunRecord(
         run_id=key[:12],
         dataset=p.data.name,
         task=p.data.task,
         teacher_id=store.teacher if store else None,
-        teacher_arch=p.teacher.arch,
+        teacher_arch=teacher.arch if teacher else None,
+        teacher_width=teacher.width if teacher else None,
+        teacher_params=teacher_params,
+        student=job.student,
         student_arch=st.arch,
+        student_width=st.width,
+        student_params=sum(q.numel() for q in model.parameters()),
         method=job.method,
         loss=m.loss,
         lam=m.lam if "lambda" in loss.hyper else None,

@@ -70,8 +70,9 @@ def student_key(
         "alpha": job.alpha,
         "subset_seed": job.subset_seed,
         "train_seed": job.train_seed,
-        "student": p.student.recipe(),
-        "teacher_arch": p.teacher.arch,
+        "student": job.st.recipe(),
+        # the teacher as configured (its weights and outputs: the fingerprints); none for labels
+        "teacher": p.teachers[spec.teacher].model_dump(mode="json") if spec else None,
         "store": {"name": store, **spec.model_dump(mode="json")} if spec else None,
         # the inputs it sees: its store's views, or (labels) the reference store's: fresh views
         # leave no fingerprint in the rows
@@ -80,7 +81,7 @@ def student_key(
         "fingerprints": fingerprints,
         "placement": placement,
         "torch": torch.__version__,
-        "code": code_version(p.student.arch, m.loss, spec.kind if spec else None),
+        "code": code_version(job.st.arch, m.loss, spec.kind if spec else None),
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:24]
 
