@@ -1,4 +1,4 @@
-"""Language track as a user runs it: `cp params/lm.yaml params.yaml && dvc repro`, in a temporary
+"""Language track as a user runs it: `dvc exp run -S track=lm`, in a temporary
 copy of the repository. Prints the wall time as a share of the track's 15-minute budget (and
 the CPU time of every process it ran, which other load on a shared machine inflates less), the
 teacher's test perplexity against every student's (the teacher must be clearly better than all
@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 import typer
 from common import REPO, dvc_env, temp_repo
 
-BUDGET_S = 900  # params/lm.yaml must run in 15 minutes on 2 CPU cores
+BUDGET_S = 900  # conf/track/lm.yaml must run in 15 minutes on 2 CPU cores
 
 
-def main(params: Path = REPO / "params/lm.yaml") -> None:
+def main(params: Path = REPO / "conf/track/lm.yaml") -> None:
     work = temp_repo(params.read_text(), prefix="kdsweep-lm-")
     t0 = time.perf_counter()
     subprocess.run(["dvc", "repro", "-q"], cwd=work, env=dvc_env(), check=True)

@@ -12,9 +12,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def temp_repo(params_text: str, source: Path = REPO, prefix: str = "kdsweep-bench-") -> Path:
+def temp_repo(
+    params_text: str,
+    source: Path = REPO,
+    prefix: str = "kdsweep-bench-",
+    tracks: dict[str, str] | None = None,
+) -> Path:
     """A fresh git repository holding `source`'s pipeline (dvc.yaml, stages, src, DVC config)
-    and `params_text` as params.yaml, so a benchmark never touches the workspace."""
+    and `params_text` as params.yaml and as its default track (conf/track/default.yaml, what
+    `dvc exp run -S` composes from), plus the other `tracks` by name, so a benchmark never
+    touches the workspace."""
     work = Path(tempfile.mkdtemp(prefix=prefix)) / "repo"
     work.mkdir()
     for item in ("dvc.yaml", "stages", "src", ".dvcignore", ".gitignore"):
@@ -22,6 +29,11 @@ def temp_repo(params_text: str, source: Path = REPO, prefix: str = "kdsweep-benc
         (shutil.copytree if src.is_dir() else shutil.copy)(src, work / item)
     shutil.copytree(source / ".dvc", work / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
     (work / "params.yaml").write_text(params_text)
+    if (source / "conf/config.yaml").exists():  # revisions before tracks have none
+        (work / "conf/track").mkdir(parents=True)
+        shutil.copy(source / "conf/config.yaml", work / "conf/config.yaml")
+        for name, text in {"default": params_text, **(tracks or {})}.items():
+            (work / "conf/track" / f"{name}.yaml").write_text(f"# @package _global_\n{text}")
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
     return work
 

@@ -16,7 +16,7 @@ from kdsweep import deps
 REPO = Path(__file__).resolve().parents[1]
 PARAMS_FILES = [
     "params.yaml",
-    *sorted(str(p.relative_to(REPO)) for p in REPO.glob("params/*.yaml")),
+    *sorted(str(p.relative_to(REPO)) for p in REPO.glob("conf/track/*.yaml")),
 ]
 
 

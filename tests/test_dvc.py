@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from bench.common import temp_repo
 from kdsweep.config import parse_params
 from tests.conftest import tiny_raw
 
@@ -33,14 +33,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 def e2e_params() -> dict:
     raw = tiny_raw()
-    raw["cache"]["stores"] = {k: raw["cache"]["stores"][k] for k in ("full", "top3")}
-    raw["methods"] = {k: raw["methods"][k] for k in ("ce", "kd", "ls_matched", "kd_top3")}
+    raw["track"] = "default"
+    keep = ("full", "top3", "random_head")
+    raw["cache"]["stores"] = {k: raw["cache"]["stores"][k] for k in keep}
+    methods = ("ce", "kd", "ls_matched", "kd_top3", "random_head")
+    raw["methods"] = {k: raw["methods"][k] for k in methods}
     raw["methods"]["kd"]["tau"] = 4
     raw["student"]["executor"] = "local"  # present, as in params.yaml, for `-S` to override
     raw["sweep"] = {
         "methods": ["ce", "kd", "ls_matched"],
         "ablation_alphas": [0.05],
-        "ablation_methods": ["kd_top3"],
+        "ablation_methods": ["kd_top3", "random_head"],
     }
     raw["analysis"] = {
         "baseline": "ce",
@@ -48,6 +51,13 @@ def e2e_params() -> dict:
         "controls": ["ls_matched"],
         "ci": 0.95,
     }
+    return raw
+
+
+def one_alpha() -> dict:
+    """A second track (conf/track/one_alpha.yaml): the e2e pipeline at α = 1 only."""
+    raw = e2e_params()
+    raw["track"], raw["alphas"], raw["sweep"]["methods"] = "one_alpha", [1.0], ["ce", "kd"]
     return raw
 
 
@@ -103,17 +113,12 @@ def edited(repo: Path, rel: str, change) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("e2e")
-    repo = root / "repo"
-    repo.mkdir()
-    for item in ("dvc.yaml", "stages", "src", ".dvcignore", ".gitignore"):
-        src = REPO / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
-    shutil.copytree(REPO / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
-    (repo / "params.yaml").write_text(yaml.safe_dump(e2e_params()))
-    run(repo, "git", "init", "-q")
+    repo = temp_repo(
+        yaml.safe_dump(e2e_params()), tracks={"one_alpha": yaml.safe_dump(one_alpha())}
+    )
     run(repo, "git", "config", "user.email", "ci@example.com")
     run(repo, "git", "config", "user.name", "ci")
-    run(repo, "dvc", "remote", "add", "-f", "-d", "local", str(root / "remote"))
+    run(repo, "dvc", "remote", "add", "-f", "-d", "local", str(repo.parent / "remote"))
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "init")
     log = run(repo, "dvc", "repro", env={"KDSWEEP_TRACE": str(root / "trace")})
@@ -134,7 +139,7 @@ def expected_rows(raw: dict) -> int:
 def test_repro_produces_results_report_and_figures(repo: Path) -> None:
     runs = pq.read_table(repo / "data/results/runs.parquet")
     assert runs.num_rows == expected_rows(e2e_params())
-    assert set(runs.column("method").to_pylist()) == {"ce", "kd", "ls_matched", "kd_top3"}
+    assert set(runs.column("method").to_pylist()) == set(e2e_params()["methods"])
     metrics = json.loads((repo / "metrics.json").read_text())
     assert metrics["n_runs"] == runs.num_rows
     report = (repo / "reports/report.md").read_text()
@@ -191,8 +196,20 @@ def test_each_stage_declares_every_key_it_read_and_module_it_imported(repo: Path
     ("rel", "expected"),
     [
         ("src/kdsweep/report/__init__.py", ["report"]),
-        ("src/kdsweep/teacher.py", ["cache@full", "cache@top3", "teacher"]),
-        ("src/kdsweep/losses.py", ["labels", "student@full", "student@top3"]),
+        (
+            "src/kdsweep/teacher.py",
+            [
+                "cache@full",
+                "cache@random_head",
+                "cache@top3",
+                "teacher@main",
+                "teacher@random_head",
+            ],
+        ),
+        (
+            "src/kdsweep/losses.py",
+            ["labels", "student@full", "student@random_head", "student@top3"],
+        ),
         ("src/kdsweep/stats.py", ["aggregate", "report"]),
         ("src/kdsweep/data/sources.py", ["prepare"]),
     ],
@@ -213,8 +230,12 @@ def test_code_edit_marks_exactly_the_stages_that_run_it(repo: Path, rel: str, ex
             2,
             ["aggregate", "cache@top3", "check", "report", "student@top3"],
         ),
-        (("cache", "aug_seed"), 1, ["cache@full", "cache@top3", "check"]),
-        (("cache", "reference"), "top3", ["check", "labels", "student@full", "student@top3"]),
+        (("cache", "aug_seed"), 1, ["cache@full", "cache@random_head", "cache@top3", "check"]),
+        (
+            ("cache", "reference"),
+            "top3",
+            ["check", "labels", "student@full", "student@random_head", "student@top3"],
+        ),
         (("analysis", "ci"), 0.9, ["aggregate", "check", "report"]),
         # `check` reads the whole file: a key no stage reads still runs it (and fails there)
         (("studnet",), {"width": 8}, ["check"]),
@@ -304,12 +325,12 @@ def test_teammate_pulls_teachers_and_caches_and_never_runs_them(repo: Path, tmp_
     run(repo, "dvc", "push", "-q")
     clone = tmp_path / "clone"
     run(tmp_path, "git", "clone", "-q", str(repo), str(clone))
-    run(clone, "dvc", "pull", "-q", "prepare", "teacher", "cache@full", "cache@top3")
+    run(clone, "dvc", "pull", "-q", "prepare", "teacher", "cache")  # every teacher@, cache@
     assert (clone / "data/logits/full.zarr").is_dir()
     shown = run(clone, "dvc", "status", "--json")
     status = json.loads(shown[shown.index("{") :])
     students = {k: v for k, v in status.items() if k.startswith("student@") or k == "labels"}
-    assert len(students) == 3  # their outputs were not pulled...
+    assert len(students) == 4  # their outputs were not pulled...
     for stage, changes in students.items():  # ...but every input they read was
         deps = [c["changed deps"] for c in changes if isinstance(c, dict) and "changed deps" in c]
         assert not deps, (stage, deps)  # e.g. the writer's lock files beside the stores
@@ -354,3 +375,51 @@ def test_queued_experiments_run_in_parallel_workers(repo: Path) -> None:
     shown = run(repo, "dvc", "exp", "show", "--json")
     text = json.dumps(json.loads(shown[shown.index("[") :]))
     assert '"tau": 3' in text and '"tau": 5' in text
+
+
+def test_one_teachers_change_reruns_only_it_its_stores_and_their_students(repo: Path) -> None:
+    """Teachers are one stage each: a new value for one teacher re-runs that teacher, the stores
+    that cache it and their students (and what aggregates every student) — never the other
+    teacher, its stores, their students or the label-only students."""
+
+    def change(text: str) -> str:
+        raw = yaml.safe_load(text)
+        raw["teachers"]["random_head"]["epochs"] += 1
+        return yaml.safe_dump(raw)
+
+    with edited(repo, "params.yaml", change):
+        assert changed_stages(repo) == ["check", "teacher@random_head"]
+        would_run = stages_run(run(repo, "dvc", "repro", "--dry"))
+    assert would_run == [
+        "aggregate",
+        "cache@random_head",
+        "check",
+        "report",
+        "student@random_head",
+        "teacher@random_head",
+    ]
+
+
+def test_two_tracks_side_by_side_in_exp_show(repo: Path) -> None:
+    """`dvc exp run -S track=<name>` composes params.yaml from conf/track/<name>.yaml (Hydra):
+    the default track and another sit side by side in `dvc exp show`, each with its params and
+    metrics, and the workspace's params file is the committed one again afterwards."""
+    try:
+        run(repo, "dvc", "exp", "run", "-n", "default_track", "-S", "track=default")
+        log = run(repo, "dvc", "exp", "run", "-n", "one_alpha_track", "-S", "track=one_alpha")
+        assert yaml.safe_load((repo / "params.yaml").read_text()) == one_alpha()
+        assert "teacher@" not in " ".join(stages_run(log))  # the same teachers: reused
+        shown = run(repo, "dvc", "exp", "show", "--json")
+        exps = {}
+        for rev in json.loads(shown[shown.index("[") :]):
+            for exp in rev.get("experiments") or []:
+                for e in exp["revs"]:
+                    exps[e["name"]] = e["data"]
+        tracks = {n: d["params"]["params.yaml"]["data"]["track"] for n, d in exps.items()}
+        assert tracks == {"default_track": "default", "one_alpha_track": "one_alpha"}
+        metrics = {n: d["metrics"]["metrics.json"]["data"] for n, d in exps.items()}
+        assert set(metrics["one_alpha_track"]["acc"]["ce"]) == {"1"}
+        assert set(metrics["default_track"]["acc"]["ce"]) == {"0.05", "1"}
+    finally:
+        run(repo, "git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock")
+        run(repo, "dvc", "checkout", "-q")

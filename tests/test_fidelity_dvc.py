@@ -1,4 +1,4 @@
-"""params/fidelity.yaml through `dvc repro`, shrunk to CI size: an online store (fresh views),
+"""conf/track/fidelity.yaml through `dvc repro`, shrunk to CI size: an online store (fresh views),
 cached views, a bfloat16 store, top-k and sampled stores with draw sets, and the report's Cache
 fidelity section measured against online KD."""
 
@@ -22,7 +22,7 @@ KEEP = ("online", "full16", "bf16", "v4", "top2", "s4_r8")
 @pytest.mark.e2e
 @pytest.mark.timeout(400)
 def test_fidelity_params_run_through_dvc_with_the_fidelity_section(tmp_path: Path) -> None:
-    raw = yaml.safe_load((REPO / "params/fidelity.yaml").read_text())
+    raw = yaml.safe_load((REPO / "conf/track/fidelity.yaml").read_text())
     raw["data"].update(n_train=1000, n_test=300)
     raw["alphas"], raw["subset_seeds"] = [0.1, 1.0], [0, 1, 2]
     set_teachers(raw, width=16, epochs=4)

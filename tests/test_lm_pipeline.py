@@ -1,4 +1,4 @@
-"""The language track through the stages' functions on params/lm.yaml, shrunk: pydoc corpus,
+"""The language track through the stages' functions on conf/track/lm.yaml, shrunk: pydoc corpus,
 BPE tokenizer, GPT teacher, full, top-k and sampled token caches, one student stage per store
 (students selected on validation), aggregate and report."""
 
@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_tiny_language_pipeline_end_to_end(tmp_path):
-    raw = yaml.safe_load((REPO / "params/lm.yaml").read_text())
-    # the pydoc topics tokenise in a second; the stdlib corpus of params/lm.yaml in ~20 s
+    raw = yaml.safe_load((REPO / "conf/track/lm.yaml").read_text())
+    # the pydoc topics tokenise in a second; the stdlib corpus of conf/track/lm.yaml in ~20 s
     raw["data"].update(name="pydoc", n_train=48, n_test=12, vocab_size=260, seq_len=8)
     set_teachers(raw, width=16, epochs=1, batch_size=16)
     raw["cache"].update(chunk_rows=16, batch_size=16)

@@ -1,4 +1,4 @@
-"""The vision path through `dvc repro`, end to end: params/cifar100.yaml shrunk to a generated
+"""The vision path through `dvc repro`, end to end: conf/track/cifar100.yaml shrunk to a generated
 ImageFolder of easy 40×40 PNGs, with an augmented teacher and two cached views per image.
 
 Checks what a new user would: the teacher is as accurate on its cached views as on its test
@@ -54,8 +54,8 @@ def write_easy_imagefolder(
 
 
 def imagefolder_params(root: Path, n_train: int, n_test: int) -> dict:
-    """params/cifar100.yaml shrunk to the generated ImageFolder (the issue's setting)."""
-    raw = yaml.safe_load((REPO / "params/cifar100.yaml").read_text())
+    """conf/track/cifar100.yaml shrunk to the generated ImageFolder (the issue's setting)."""
+    raw = yaml.safe_load((REPO / "conf/track/cifar100.yaml").read_text())
     raw["data"] = {"name": "imagefolder", "root": str(root), "n_train": n_train, "n_test": n_test}
     raw["alphas"] = [0.1, 1.0]
     raw["subset_seeds"] = [0]

@@ -1,5 +1,5 @@
 """The vision path through the stages' functions: CIFAR-100 on disk in torchvision's format
-(params/cifar100.yaml shrunk) with augmentation-consistent views, and scikit-learn's digits."""
+(conf/track/cifar100.yaml shrunk) with augmentation-consistent views, and scikit-learn's digits."""
 
 import json
 from pathlib import Path
@@ -48,7 +48,7 @@ def run_students(p: Params, root: Path) -> list[dict]:
 @pytest.mark.usefixtures("no_md5")
 def test_cifar100_params_file_runs_on_generated_cifar_data_with_views(tmp_path, monkeypatch):
     write_cifar100(tmp_path / "raw", n_train=120, n_test=20)
-    raw = shrink(yaml.safe_load((REPO / "params/cifar100.yaml").read_text()))
+    raw = shrink(yaml.safe_load((REPO / "conf/track/cifar100.yaml").read_text()))
     raw["data"].update(root=str(tmp_path / "raw"), n_train=120, n_test=20)
     set_teachers(raw, arch="resnet20", width=4)
     raw["student"].update(arch="resnet20", width=4, stacked="off")  # ViewBatches, spied below

@@ -407,6 +407,7 @@ class AnalysisParams(Strict):
 
 
 class Params(Strict):
+    track: Name = "default"  # which conf/track/<name>.yaml this is (a label for `dvc exp show`)
     data: DataParams = DataParams()
     alphas: list[float]
     subset_seeds: list[int] = [0]
