@@ -487,7 +487,8 @@ def test_unknown_keys_are_refused_in_every_section(section: str):
 
 
 @pytest.mark.parametrize(
-    "params", ["params.yaml", *sorted(str(f.relative_to(REPO)) for f in REPO.glob("conf/track/*.yaml"))]
+    "params",
+    ["params.yaml", *sorted(str(f.relative_to(REPO)) for f in REPO.glob("conf/track/*.yaml"))],
 )
 def test_loading_and_validating_params_does_not_import_torch(params: str):
     code = (
