@@ -47,6 +47,26 @@ def test_results_filters_by_method_and_alpha(tmp_path):
     assert "1 runs" in res.output
 
 
+def test_results_filters_by_student_and_teacher_keeping_label_rows(tmp_path):
+    rows = [
+        {"student": s, "teacher_id": t, "method": m, "alpha": 1.0, "test_acc": acc}
+        for s, t, m, acc in [
+            ("small", None, "ce", 0.11),
+            ("small", "t12", "kd", 0.22),
+            ("small", "t30", "kd", 0.33),
+            ("same", "t12", "kd", 0.44),
+        ]
+    ]
+    path = tmp_path / "runs.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    args = ["results", "--path", str(path), "--student", "small", "--teacher", "t12"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "0.1100" in res.output and "0.2200" in res.output  # CE reads no teacher: kept
+    assert "0.3300" not in res.output and "0.4400" not in res.output
+    assert "2 runs" in res.output
+
+
 def test_student_trains_every_method_reading_a_store_in_one_process(workspace):
     raw = tiny_raw()
     raw["sweep"]["methods"] = ["ce", "kd", "ls_matched"]  # kd and ls_matched both read `full`

@@ -63,9 +63,12 @@ def results(
     path: Path = Path("data/results/runs.parquet"),
     method: list[str] = typer.Option(None, help="Only these methods (repeatable)."),
     alpha: list[float] = typer.Option(None, help="Only these alphas (repeatable)."),
-    columns: str = "method,alpha,tau,subset_seed,test_acc,agreement,test_kl,ece,train_seconds",
+    student: list[str] = typer.Option(None, help="Only these student configurations."),
+    teacher: list[str] = typer.Option(None, help="Only these teachers (label-only rows stay)."),
+    columns: str = "student,teacher_id,method,alpha,tau,subset_seed,test_acc,agreement,test_kl,"
+    "ece,train_seconds",
 ) -> None:
-    """Print runs.parquet as a table, filtered by method and alpha."""
+    """Print runs.parquet as a table, filtered by method, alpha, student and teacher."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -81,11 +84,18 @@ def results(
         tbl = tbl.filter(pc.is_in(tbl["method"], value_set=pa.array(method)))
     if alpha:
         tbl = tbl.filter(pc.is_in(tbl["alpha"], value_set=pa.array(alpha, "float64")))
+    if student:
+        tbl = tbl.filter(pc.is_in(tbl["student"], value_set=pa.array(student)))
+    if teacher:
+        mask = pc.or_kleene(
+            pc.is_in(tbl["teacher_id"], value_set=pa.array(teacher)), pc.is_null(tbl["teacher_id"])
+        )
+        tbl = tbl.filter(mask)
     cols = [c for c in columns.split(",") if c in tbl.column_names]
     t = Table()
     for c in cols:
         t.add_column(c)
-    for row in tbl.select(cols).sort_by([(c, "ascending") for c in cols[:2]]).to_pylist():
+    for row in tbl.select(cols).sort_by([(c, "ascending") for c in cols[:3]]).to_pylist():
         t.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()))
     console.print(t)
     console.print(f"{tbl.num_rows} runs")
