@@ -1,10 +1,12 @@
-"""DVC stage `aggregate`: every <students>/*/runs.json → runs.parquet + the DVC metrics file."""
+"""DVC stage `aggregate`: every <students>/*/runs.json → runs.parquet + the DVC metrics file: the
+headline numbers of the primary (student, teacher) pair (kdsweep.analysis.Primary), and the
+reference's gain for every pair under `factors`."""
 
 from pathlib import Path
 
 import typer
 
-from kdsweep.analysis import summary_metrics
+from kdsweep.analysis import Primary, factor_metrics, factor_pairs, primary_table, summary_metrics
 from kdsweep.config import STUDENTS_OF_LABELS, load_params
 from kdsweep.errors import explained_errors
 from kdsweep.io import atomic_write_json
@@ -20,7 +22,8 @@ def main(
         p = load_params()
         table = collect_runs(students, [*p.cache.stores, STUDENTS_OF_LABELS])
         write_parquet(table, out)
-        atomic_write_json(metrics, summary_metrics(table, p.analysis))
+        headline = summary_metrics(primary_table(table, Primary.of(p)), p.analysis)
+        atomic_write_json(metrics, headline | factor_metrics(factor_pairs(table, p.analysis)))
 
 
 if __name__ == "__main__":

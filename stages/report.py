@@ -1,9 +1,11 @@
-"""DVC stage `report`: runs.parquet + cache summaries → report.md, figures and plot data."""
+"""DVC stage `report`: runs.parquet + cache summaries → report.md, figures and plot data; every
+section but By factor reads the primary (student, teacher) pair (kdsweep.analysis.Primary)."""
 
 from pathlib import Path
 
 import typer
 
+from kdsweep.analysis import Primary
 from kdsweep.config import load_params
 from kdsweep.errors import explained_errors
 from kdsweep.report import write_report
@@ -16,7 +18,7 @@ def main(
 ) -> None:
     with explained_errors():
         p = load_params()
-        write_report(runs, p.analysis, out, summaries, list(p.cache.stores))
+        write_report(runs, p.analysis, out, summaries, list(p.cache.stores), Primary.of(p))
 
 
 if __name__ == "__main__":

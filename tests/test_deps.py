@@ -136,7 +136,7 @@ def test_every_tracked_key_is_in_each_params_file(params_file: str) -> None:
             for k_, item in items.items():
                 k = key.replace("${key}", str(k_))
                 for field, value in (item or {}).items():
-                    k = k.replace("${item." + field + "}", str(value))
+                    k = k.replace(f"${{item.{field}}}", str(value))
                 if not _has_key(raw, k):
                     missing.append(f"{name}: {k}")
     assert not missing, f"{params_file} lacks keys DVC tracks: {missing}"

@@ -230,10 +230,20 @@ def test_code_edit_marks_exactly_the_stages_that_run_it(repo: Path, rel: str, ex
             ["aggregate", "cache@top3", "check", "report", "student@top3"],
         ),
         (("cache", "aug_seed"), 1, ["cache@full", "cache@random_head", "cache@top3", "check"]),
+        # aggregate and report read it too: a method without `cache` reads it first (its
+        # primary store, analysis.Primary)
         (
             ("cache", "reference"),
             "top3",
-            ["check", "labels", "student@full", "student@random_head", "student@top3"],
+            [
+                "aggregate",
+                "check",
+                "labels",
+                "report",
+                "student@full",
+                "student@random_head",
+                "student@top3",
+            ],
         ),
         (("analysis", "ci"), 0.9, ["aggregate", "check", "report"]),
         # `check` reads the whole file: a key no stage reads still runs it (and fails there)

@@ -19,6 +19,7 @@ Rules that keep the numbers honest (DESIGN.md §5 reading rules):
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from kdsweep.config import AnalysisParams
+from kdsweep.config import AnalysisParams, Params
 from kdsweep.errors import KdsweepError
 from kdsweep.registry import LOSSES
 from kdsweep.stats import (
@@ -702,6 +703,105 @@ def analyse(table: pa.Table, s: AnalysisParams) -> Analysis:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# One (student, teacher) pair for the main tables; every pair for the factors
+
+
+@dataclass(frozen=True)
+class Primary:
+    """The one (student, teacher) pair the main tables and the headline metrics read, so that
+    adding a student configuration or a teacher leaves their conclusions unchanged: the first
+    configuration of `students:` and, for every method, its first store."""
+
+    student: str
+    first_store: Mapping[str, str]  # method → the first of `Params.stores_of(method)`
+
+    @classmethod
+    def of(cls, p: Params) -> Primary:
+        return cls(next(iter(p.students)), {m: p.stores_of(m)[0] for m in p.methods})
+
+
+def primary_table(table: pa.Table, primary: Primary) -> pa.Table:
+    """The primary student's rows that read their method's first store, and its rows of labels
+    only (no store). A method params no longer names is an error (stale runs), not dropped."""
+    rows = table.to_pylist()
+    stale = sorted({r["method"] for r in rows} - set(primary.first_store))
+    if stale:
+        raise KdsweepError(
+            f"the runs hold methods {stale} that params.yaml does not define: run `dvc repro`"
+        )
+    keep = [
+        r["student"] == primary.student
+        and r["cache_name"] in (None, primary.first_store[r["method"]])
+        for r in rows
+    ]
+    if not any(keep):
+        raise KdsweepError(
+            f"no runs of the primary student {primary.student!r} (the first of `students:`): "
+            "run `dvc repro`"
+        )
+    return table.filter(pa.array(keep))
+
+
+@dataclass(frozen=True)
+class FactorPair:
+    """One (student configuration, teacher) pair: the baseline's students of that configuration
+    and the reference's on that teacher's store, analysed alone."""
+
+    label: str  # "<student>/<teacher>", the store added where the reference read several of it
+    student: str
+    teacher: str
+    store: str
+    student_params: int
+    teacher_params: int
+    identical: bool  # the student has the teacher's architecture and width (the paper's pair)
+    analysis: Analysis
+
+    @property
+    def ratio(self) -> float:
+        """Student parameters over teacher parameters: the capacity axis."""
+        return self.student_params / self.teacher_params
+
+
+def factor_pairs(table: pa.Table, s: AnalysisParams) -> list[FactorPair]:
+    """Every student configuration × store the reference read, each analysed (`analyse`: τ
+    selected per α on the pair's own validation rows, gains, multipliers) on the baseline rows
+    of that student and its reference rows on that store. No control is read: controls train
+    for the primary pair only. Sorted by teacher, then parameter ratio."""
+    rows = table.to_pylist()
+    firsts: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        if r["method"] == s.reference:
+            firsts.setdefault((r["student"], r["cache_name"]), r)
+    stores = Counter((student, r["teacher_id"]) for (student, _), r in firsts.items())
+    alone = s.model_copy(update={"controls": []})
+    out = []
+    for (student, store), r in firsts.items():
+        teacher = r["teacher_id"]
+        keep = [
+            x["student"] == student
+            and (
+                x["method"] == s.baseline
+                or (x["method"] == s.reference and x["cache_name"] == store)
+            )
+            for x in rows
+        ]
+        several = stores[(student, teacher)] > 1
+        out.append(
+            FactorPair(
+                f"{student}/{teacher}" + (f" ({store})" if several else ""),
+                student,
+                teacher,
+                store,
+                r["student_params"],
+                r["teacher_params"],
+                r["student_arch"] == r["teacher_arch"] and r["student_width"] == r["teacher_width"],
+                analyse(table.filter(pa.array(keep)), alone),
+            )
+        )
+    return sorted(out, key=lambda p: (p.teacher, p.ratio, p.student))
+
+
 def alpha_key(alpha: float) -> str:
     return f"{alpha:g}"
 
@@ -751,3 +851,20 @@ def summary_metrics(table: pa.Table, settings: AnalysisParams) -> dict[str, Any]
         if shares:
             out["share_of_gain"] = shares
     return out
+
+
+def factor_metrics(pairs: Sequence[FactorPair]) -> dict[str, Any]:
+    """`factors` for the metrics file, so `dvc exp show` shows them: per pair its reference's
+    relative gain per α, the parameter ratio and whether it is the identical pair."""
+    if not pairs:
+        return {}
+    return {
+        "factors": {
+            p.label: {
+                "gain": {alpha_key(g["alpha"]): _r(g["gain"]) for g in p.analysis.gains},
+                "ratio": _r(p.ratio),
+                "identical": p.identical,
+            }
+            for p in pairs
+        }
+    }

@@ -85,13 +85,15 @@ def _full_reference(summary: Sequence[Row], r: Row) -> Row | None:
     return None
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save(fig: Figure, path: Path) -> Path:
+    """`fig` as a PNG at `path`, laid out tight, written atomically."""
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=120)
     return path
 
 
-def _log_alpha_axis(ax: Axes) -> None:
+def log_alpha_axis(ax: Axes) -> None:
+    """α on a log axis (the grid spans two decades), gridded."""
     ax.set_xscale("log")
     ax.set_xlabel("α (fraction of the training set)")
     ax.grid(True, which="both", alpha=0.3)
@@ -124,33 +126,57 @@ def score_panels(an: Analysis) -> dict[str, list[str]]:
     return {p: anchors + out[p] for p in PANELS if p in out} or {"main methods": anchors}
 
 
+def panel_grid(n: int, cols: int, size: tuple[float, float]) -> tuple[Figure, list[Axes]]:
+    """`n` small multiples sharing both axes, `cols` to a row (each `size` inches), so panels
+    compare at a glance; the unused cells of the last row hidden."""
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(size[0] * cols, size[1] * rows))
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, list(axes[:n])
+
+
+def score_band(ax: Axes, rows: Sequence[Row], color: Any, label: str, lw: float = 1.4) -> None:
+    """Summary rows of one variant: its mean score over α, its interval shaded."""
+    a = [r["alpha"] for r in rows]
+    ax.plot(a, [r["mean"] for r in rows], "o-", color=color, lw=lw, ms=4, label=label)
+    ax.fill_between(
+        a, [r["ci_low"] for r in rows], [r["ci_high"] for r in rows], color=color, alpha=0.15
+    )
+
+
+def gain_band(ax: Axes, gains: Sequence[Row], color: Any, label: str) -> None:
+    """Gain rows (analysis' `gains`): the relative gain over α, its interval shaded, the zero
+    line (no gain) and a percent axis."""
+    a = [g["alpha"] for g in gains]
+    ax.plot(a, [g["gain"] for g in gains], "o-", color=color, label=label)
+    ax.fill_between(
+        a, [g["ci_low"] for g in gains], [g["ci_high"] for g in gains], color=color, alpha=0.2
+    )
+    ax.axhline(0, color="k", lw=0.8)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+
+
 def _plot_scores(an: Analysis, path: Path) -> Path:
     """Score vs α with its interval: one small multiple per group of variants (score_panels),
     sharing both axes, so no panel carries more than a handful of lines."""
     panels = score_panels(an)
-    cols = min(2, len(panels))
-    rows_ = math.ceil(len(panels) / cols)
-    fig = Figure(figsize=(6 * cols, 4 * rows_))
-    axes = fig.subplots(rows_, cols, squeeze=False, sharex=True, sharey=True).ravel()
+    fig, axes = panel_grid(len(panels), 2, (6, 4))
     colors = matplotlib.colormaps["tab10"].colors
     anchors = {an.baseline: "grey", an.reference: "k"}
-    for ax, (name, variants) in zip(axes, panels.items(), strict=False):
+    for ax, (name, variants) in zip(axes, panels.items(), strict=True):
         for i, v in enumerate(variants):
             rows = [r for r in an.summary if r["variant"] == v]
-            a = [r["alpha"] for r in rows]
             c = anchors.get(v) or colors[i % len(colors)]
-            lw = 2.2 if v in anchors else 1.4
-            ax.plot(a, [r["mean"] for r in rows], "o-", color=c, lw=lw, ms=4, label=v)
-            lo, hi = [r["ci_low"] for r in rows], [r["ci_high"] for r in rows]
-            ax.fill_between(a, lo, hi, color=c, alpha=0.15)
-        _log_alpha_axis(ax)
+            score_band(ax, rows, c, v, lw=2.2 if v in anchors else 1.4)
+        log_alpha_axis(ax)
         ax.set_title(name)
         ax.set_ylabel(score_label(an))
         ax.legend(fontsize=7)
-    for ax in axes[len(panels) :]:
-        ax.set_visible(False)
     fig.suptitle(f"{score_label(an)} vs α ({an.settings.ci:.0%} t-intervals over seeds)")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _plot_curves(
@@ -172,7 +198,7 @@ def _plot_curves(
     axes[0].set_ylabel("validation cross-entropy")
     axes[0].legend(fontsize=7)
     fig.suptitle("validation curves (mean over seeds)")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _plot_shares(an: Analysis, path: Path) -> Path:
@@ -192,27 +218,22 @@ def _plot_shares(an: Analysis, path: Path) -> Path:
         ax.errorbar(x, y, yerr=err, fmt="o-", color=f"C{i}", capsize=3, label=c)
     ax.axhline(1, color="k", lw=0.8, ls="--", label=f"all of {an.reference}'s gain")
     ax.axhline(0, color="grey", lw=0.8, ls=":", label=f"no better than {an.baseline}")
-    _log_alpha_axis(ax)
+    log_alpha_axis(ax)
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_ylabel(f"share of {an.reference}'s gain over {an.baseline}")
     ax.set_title(f"what the controls recover ({an.settings.ci:.0%} Fieller intervals)")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _plot_gain(an: Analysis, path: Path) -> Path:
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    g = an.gains
-    a = [x["alpha"] for x in g]
-    ax.plot(a, [x["gain"] for x in g], "o-", color="C0", label=f"{an.reference} over {an.baseline}")
-    ax.fill_between(a, [x["ci_low"] for x in g], [x["ci_high"] for x in g], color="C0", alpha=0.2)
-    ax.axhline(0, color="k", lw=0.8)
-    _log_alpha_axis(ax)
-    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    gain_band(ax, an.gains, "C0", f"{an.reference} over {an.baseline}")
+    log_alpha_axis(ax)
     ax.set_ylabel("relative gain")
     ax.legend()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _plot_multiplier(an: Analysis, path: Path) -> Path:
@@ -258,13 +279,13 @@ def _plot_multiplier(an: Analysis, path: Path) -> Path:
         med, color="C2", ls=":", label=f"median {med:.3g}{' (lower bound)' if lower else ''}"
     )
     ax.axhline(1, color="k", lw=0.8)
-    _log_alpha_axis(ax)
+    log_alpha_axis(ax)
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     ax.set_ylabel(f"data-efficiency multiplier α*/α ({an.reference} vs {an.baseline})")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _plot_temperature(an: Analysis, path: Path) -> Path:
@@ -281,7 +302,7 @@ def _plot_temperature(an: Analysis, path: Path) -> Path:
         _tau_panel(an, ax, fams, alpha)
     if selection:
         _selection_panel(an, axes[0][-1], selection)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _tau_panel(
@@ -343,7 +364,7 @@ def _selection_panel(an: Analysis, ax: Axes, selection: Sequence[Row]) -> None:
             color="grey",
             label=an.baseline,
         )
-    _log_alpha_axis(ax)
+    log_alpha_axis(ax)
     ax.set_ylabel(score_label(an))
     ax.set_title(f"{an.settings.reference}: every τ over α")
     ax.legend(fontsize=7)
@@ -415,4 +436,4 @@ def _plot_cache(an: Analysis, caches: Sequence[CacheSummary], path: Path) -> Pat
         ax.set_ylabel("bytes per row on disk (compressed)")
         ax.set_title("cache size vs k")
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save(fig, path)

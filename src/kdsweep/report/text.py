@@ -87,6 +87,8 @@ def _context(
         "figures": figures,
         "score_label": score_label(an),
         "first_run": rows[0],
+        # label-only students carry no teacher: the header names that of the first that has one
+        "teacher_run": next((r for r in rows if r["teacher_id"] is not None), rows[0]),
         "n_seed_pairs": len({(r["subset_seed"], r["train_seed"]) for r in rows}),
         "git_revs": sorted({r["git_rev"] for r in rows}),
         "alphas": sorted({r["alpha"] for r in rows}),
@@ -128,9 +130,19 @@ def _budget(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(
-    an: Analysis, caches: Sequence[CacheSummary], figures: Mapping[str, str], fidelity: str = ""
+    an: Analysis,
+    caches: Sequence[CacheSummary],
+    figures: Mapping[str, str],
+    fidelity: str = "",
+    factors: str = "",
 ) -> str:
     """report.md; `figures` maps the names draw_figures gives to paths relative to the report;
-    `fidelity`: the Cache fidelity section's markdown (kdsweep.report.fidelity)."""
-    context = _context(an, caches, figures) | {"fidelity_section": fidelity}
-    return _ENV.get_template("report.md.j2").render(context)
+    `fidelity` and `factors`: the Cache fidelity and By factor sections' markdown
+    (kdsweep.report.fidelity, kdsweep.report.factors)."""
+    sections = {"fidelity_section": fidelity, "factors_section": factors}
+    return render("report.md.j2", **_context(an, caches, figures), **sections)
+
+
+def render(template: str, **context: Any) -> str:
+    """A template of templates/ with the report's filters (fmt, number, alpha_set, …)."""
+    return _ENV.get_template(template).render(context)
