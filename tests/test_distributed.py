@@ -74,7 +74,8 @@ def test_two_process_ddp_teacher_trains_and_its_checkpoint_loads(workspace):
     raw = tiny_raw()
     Path("params.yaml").write_text(yaml.safe_dump(raw))
     before = weights_fingerprint(Path("data/teachers/main.safetensors"))
-    torchrun(str(STAGES / "teacher.py"), "--prepared", "data/prepared", "--out", "data/teachers")
+    out = "data/teachers/main.safetensors"
+    torchrun(str(STAGES / "teacher.py"), "main", "--prepared", "data/prepared", "--out", out)
     assert weights_fingerprint(Path("data/teachers/main.safetensors")) != before
     p, prep = parse_params(raw), load_prepared(Path("data/prepared"))
     model = teacher_model(p.teachers["main"], prep)

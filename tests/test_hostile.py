@@ -261,7 +261,7 @@ def test_a_figure_save_that_fails_midway_leaves_the_old_figure(tmp_path, monkeyp
     path = tmp_path / "score_vs_alpha.png"
     fig = Figure()
     fig.add_subplot().plot([0, 1], [1, 0])
-    figures._save(fig, path)
+    figures.save(fig, path)
     old = path.read_bytes()
     assert old.startswith(b"\x89PNG")
 
@@ -271,7 +271,7 @@ def test_a_figure_save_that_fails_midway_leaves_the_old_figure(tmp_path, monkeyp
 
     monkeypatch.setattr(Figure, "savefig", full_disk)
     with pytest.raises(OSError, match="No space"):
-        figures._save(fig, path)
+        figures.save(fig, path)
     assert path.read_bytes() == old
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
 

@@ -17,6 +17,7 @@ TOOLS = {
     "numcodecs": "the codec library behind zarr's Blosc/Zstd codecs named in the store format",
     "scipy": "torchvision's SVHN reader loads its .mat files with scipy.io",
     "dask-jobqueue": "the README's recipe for starting a Dask cluster on SLURM/PBS (HPC users)",
+    "hydra-core": "what `dvc exp run -S track=<name>` composes params.yaml with (conf/)",
 }
 
 
