@@ -16,31 +16,14 @@ from kdsweep.students.inputs import StageInputs
 from kdsweep.students.stage import run_student_stage
 from kdsweep.teacher import train_teacher
 
+# the teacher, and its random-head variant: the same network, trained alike, head re-initialised
+TEACHER = dict(arch="cnn1d", width=16, epochs=2, batch_size=64, lr=0.01, seed=0, device="cpu")
+
 TINY: dict = {
     "data": {"name": "mnist1d", "n_train": 600, "n_test": 200, "seed": 0},
     "alphas": [0.05, 1.0],
     "subset_seeds": [0, 1],
-    "teachers": {
-        "main": {
-            "arch": "cnn1d",
-            "width": 16,
-            "epochs": 2,
-            "batch_size": 64,
-            "lr": 0.01,
-            "seed": 0,
-            "device": "cpu",
-        },
-        "random_head": {
-            "arch": "cnn1d",
-            "width": 16,
-            "epochs": 2,
-            "batch_size": 64,
-            "lr": 0.01,
-            "seed": 0,
-            "device": "cpu",
-            "head": "random",
-        },
-    },
+    "teachers": {"main": TEACHER, "random_head": {**TEACHER, "head": "random"}},
     "cache": {
         "codec": {"name": "blosc", "cname": "zstd", "clevel": 5, "shuffle": "shuffle"},
         "chunk_rows": 128,
