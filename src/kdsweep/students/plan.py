@@ -13,7 +13,7 @@ from torch import nn
 
 from kdsweep.config import MethodParams, Params, StudentParams
 from kdsweep.models import build_model
-from kdsweep.registry import ARCHS, LOSSES
+from kdsweep.registry import ARCHS
 from kdsweep.targets import TeacherTargets
 from kdsweep.train import num_steps, pick_device
 
@@ -64,22 +64,30 @@ def student_jobs(p: Params, method: str, store: str | None) -> list[StudentJob]:
     ]
 
 
-def stack_key(job: StudentJob, t: TeacherTargets) -> tuple:
-    """Students with equal keys compute the same loss function on targets of the same per-row
-    shapes and differ only in λ, τ, seed and data, so they can share one stack (`t`: the teacher
-    rows the job reads, any number of them). Controls are KD on transformed targets of the same
-    shape, and teacher-label students are CE on other labels; one α per stack (equal subsets)
-    and one student configuration (equal networks and budgets)."""
-    loss = LOSSES[job.m.loss]
+def stack_key(job: StudentJob, t: TeacherTargets, n_train: int) -> tuple:
+    """Students with equal keys can share one stack: equal networks (the configuration's
+    architecture and width; the stage fixes the input shape), equal batches, learning rate,
+    weight decay, step count and validation schedule (one AdamW, one cosine schedule, one
+    evaluation every `eval_every` steps), and targets of the same arrays (`t`: the teacher rows
+    of the stage, any number of them; a stage reads one store). Everything else — α (the
+    subset and its size), the method and its loss, λ, τ, ε, the top-k tail model, the seeds —
+    is per student (`stack.recipe`, `stack.BatchOrder`). `n_train`: the job's training rows;
+    the step count of `student.budget` depends on it (`min_epochs`), so students whose budgets
+    differ train in separate stacks rather than beside others with their updates masked."""
+    st = job.st
     shapes = tuple((n, tuple(v.shape[1:]), v.dtype) for n, v in sorted(t.tensors.items()))
+    b = st.budget
     return (
-        job.student,
-        job.alpha,
-        loss.distill,
-        t.kind if loss.distill else None,
-        job.m.epsilon if loss.smooth_labels else None,
-        job.m.topk_mode if t.kind == "topk" and loss.distill else None,
-        shapes if loss.distill else (),
+        st.arch,
+        st.width,
+        min(st.batch_size, n_train),
+        student_steps(st, n_train),
+        st.lr,
+        st.weight_decay,
+        b.select,
+        b.eval_every,
+        t.kind,
+        shapes,
     )
 
 
@@ -107,10 +115,44 @@ def choose_path(
     return "stacked" if size < CPU_STACK_MAX_PARAMS else "sequential"
 
 
-def memory_groups(k: int, bytes_per_student: int, budget_bytes: int) -> list[range]:
+# Most students in one stacked group on a CPU (more train one group after another). PLACEHOLDER
+STACK_MAX_CPU = 64
+
+
+def max_stack(device: torch.device, model: nn.Module) -> int | None:
+    """The largest group of students like `model` trained at once on `device` beyond what
+    memory allows (None: memory alone bounds it)."""
+    return STACK_MAX_CPU if device.type == "cpu" else None
+
+
+# torch.compile of a stacked step: (the fraction of an eager step's time it saves, its compile
+# seconds), per device type, measured by bench/bench_roofline.py. PLACEHOLDER: see below.
+COMPILE_GAIN: dict[str, tuple[float, float]] = {}
+
+
+def choose_compile(device: torch.device, k: int, steps: int, forced: str) -> bool:
+    """Whether a stack of K students training `steps` steps compiles its step: forced "on" /
+    "off" wins; "auto" compiles where a bench measured a saving on this device type and the
+    steps save more than the compile costs."""
+    if forced not in ("on", "off", "auto"):
+        raise ValueError(f"compile must be 'on', 'off' or 'auto', got {forced!r}")
+    if forced != "auto":
+        return forced == "on"
+    if device.type not in COMPILE_GAIN:
+        return False
+    saved, seconds = COMPILE_GAIN[device.type]
+    return steps * saved > seconds
+
+
+def memory_groups(
+    k: int, bytes_per_student: int, budget_bytes: int, max_size: int | None = None
+) -> list[range]:
     """Consecutive groups of the K students, each within `budget_bytes` (but at least one
-    student), sized evenly so that no small remainder group wastes a whole pass."""
+    student) and of at most `max_size` students, sized evenly so that no small remainder group
+    wastes a whole pass."""
     per = max(1, budget_bytes // max(bytes_per_student, 1))
+    if max_size is not None:
+        per = min(per, max(1, max_size))
     n_groups = -(-k // per)
     bounds = [k * g // n_groups for g in range(n_groups + 1)]
     return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
@@ -119,10 +161,12 @@ def memory_groups(k: int, bytes_per_student: int, budget_bytes: int) -> list[ran
 @dataclass(frozen=True)
 class Stack:
     """The unit of work of a student stage: students (indices into `stage_jobs`) that share a
-    `plan.stack_key` and train on one path, "stacked" or "sequential"."""
+    `plan.stack_key` and train on one path, "stacked" or "sequential"; `compiled`: a stacked
+    path's step runs through `torch.compile` (`choose_compile`)."""
 
     members: tuple[int, ...]
     path: str
+    compiled: bool = False
 
 
 def stage_jobs(p: Params, store: str | None) -> list[StudentJob]:
@@ -163,20 +207,30 @@ def student_model(
 
 
 def plan_stacks(
-    p: Params, train: TeacherTargets, x: torch.Tensor, num_classes: int, jobs: list[StudentJob]
+    p: Params,
+    train: TeacherTargets,
+    x: torch.Tensor,
+    num_classes: int,
+    jobs: list[StudentJob],
+    n_train: list[int],
 ) -> list[Stack]:
     """Group the stage's students into stacks and choose each stack's path on the *whole* stack,
     so that a student's path (and so its row) does not depend on which others are reused;
-    `train`: the teacher rows the stage's students read, `x`: inputs like theirs."""
+    `train`: the teacher rows the stage's students read, `x`: inputs like theirs, `n_train`:
+    each job's training rows."""
     device = pick_device(p.student.device)
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
-        groups.setdefault(stack_key(job, train), []).append(i)
+        groups.setdefault(stack_key(job, train, n_train[i]), []).append(i)
     stacks = []
     for members in groups.values():
         st = jobs[members[0]].st
         probe = student_model(st, num_classes, x, seed=0)
         vmappable = ARCHS[st.arch].vmappable
         path = choose_path(device, probe, vmappable, len(members), p.student.stacked)
-        stacks.append(Stack(tuple(members), path))
+        steps = student_steps(st, n_train[members[0]])
+        compiled = path == "stacked" and choose_compile(
+            device, len(members), steps, p.student.compile
+        )
+        stacks.append(Stack(tuple(members), path, compiled))
     return stacks
