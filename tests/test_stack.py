@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from kdsweep.augment import SHIFT_SCALE_NOISE
 from kdsweep.losses import student_loss
 from kdsweep.models import build_model
+from kdsweep.models.stacked import conv1d_cl, stacked_forward
 from kdsweep.registry import ARCHS, LOSSES
 from kdsweep.students.plan import CPU_STACK_MAX_PARAMS, choose_path, memory_groups
 from kdsweep.students.stack import (
@@ -442,3 +443,78 @@ def test_attention_students_stay_sequential_on_cpu(arch: str) -> None:
     model, vmappable = build_model(arch, shape, classes, 8), ARCHS[arch].vmappable
     assert choose_path(torch.device("cpu"), model, vmappable, 4, "auto") == "sequential"
     assert choose_path(torch.device("cuda"), model, vmappable, 4, "auto") == "stacked"
+
+
+# ---------------------------------------------------------------------------------------------
+# The batched-matmul forward of the small models (kdsweep.models.stacked)
+
+
+class _Convs(torch.nn.Module):
+    SEQUENTIAL = ("features", "head")
+
+    def __init__(self, k: int, stride: int, padding: int, length: int, bias: bool):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv1d(2, 3, k, stride=stride, padding=padding, bias=bias),
+            torch.nn.ReLU(),
+            torch.nn.Conv1d(3, 4, k, stride=stride, padding=padding, bias=bias),
+            torch.nn.Flatten(),
+        )
+        out = length
+        for _ in range(2):
+            out = (out + 2 * padding - k) // stride + 1
+        self.head = torch.nn.Linear(4 * out, 5, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@pytest.mark.parametrize(
+    ("k", "stride", "padding", "length", "bias"),
+    [(3, 2, 1, 20, True), (5, 2, 2, 21, True), (3, 1, 1, 9, False), (4, 3, 0, 17, True)],
+)
+def test_the_matmul_forward_is_vmap_s(k, stride, padding, length, bias) -> None:
+    """Values and gradients of K stacked convolutional students (odd lengths, stride 1 and 3,
+    no padding, no bias) equal vmap's over `functional_call` (float64)."""
+    models = [_Convs(k, stride, padding, length, bias).double() for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(models)
+    base = _Convs(k, stride, padding, length, bias).to("meta")
+    fast = stacked_forward(base)
+    x = torch.randn(3, 6, 2, length, dtype=F64)
+    want = torch.func.vmap(lambda p, b, x: torch.func.functional_call(base, (p, b), (x,)))(
+        params, buffers, x
+    )
+    got = fast(params, x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+    grads = [torch.autograd.grad(z.square().sum(), list(params.values())) for z in (want, got)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    h = x.transpose(2, 3).contiguous().requires_grad_()  # an inner layer: the gradient path
+    w, b_ = params["features.0.weight"], params.get("features.0.bias")
+    ref = torch.func.vmap(lambda h, w, b: F.conv1d(h, w, b, stride, padding))(
+        h.transpose(2, 3), w, b_ if bias else torch.zeros(3, 3, dtype=F64)
+    )
+    torch.testing.assert_close(conv1d_cl(h, w, b_, stride, padding), ref.transpose(2, 3))
+
+
+def test_the_matmul_forward_covers_the_small_models_only() -> None:
+    for arch in ("cnn1d", "mlp"):
+        assert stacked_forward(build_model(arch, (1, 40), 10, 8)) is not None
+    assert stacked_forward(build_model("resnet20", (3, 8, 8), 10, 8)) is None
+    assert stacked_forward(build_model("gpt", (8,), 260, 8)) is None
+
+
+def test_a_student_s_matmul_forward_does_not_depend_on_k() -> None:
+    """float32: one student's logits and gradients, bit for bit, beside 1 or 40 others."""
+    torch.manual_seed(0)
+    models = [build_model("cnn1d", (1, 40), 10, 16) for _ in range(41)]
+    x = torch.randn(41, 128, 1, 40)
+    fast = stacked_forward(models[0])
+    out = []
+    for k in (2, 41):
+        params, _ = torch.func.stack_module_state(models[:k])
+        z = fast(params, x[:k])
+        grads = torch.autograd.grad(z.square().sum(), list(params.values()))
+        out.append((z[0], [g[0] for g in grads]))
+    assert torch.equal(out[0][0], out[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1], strict=True))

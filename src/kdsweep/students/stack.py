@@ -1,7 +1,9 @@
 """Stacked training: K students of one architecture trained together in one process (DESIGN.md §7).
 
 The K parameter sets are stacked along a new leading dimension (`torch.func.stack_module_state`)
-and one `vmap`-ed `functional_call` runs every student's forward and loss at once. Each student
+and one `vmap`-ed `functional_call` runs every student's forward and loss at once (on a CPU, the
+forward of the small models is batched matrix products instead, `models.stacked`: vmap's grouped
+convolutions are slow there). Each student
 keeps what makes it itself under `train.fit`: its initialisation (`torch.manual_seed(seed)`
 before it is built), its data order (its own `torch.Generator(seed)`, epoch-wise `randperm` of
 its own subset, whatever its size), its subset and targets, its per-sample loss with its own
@@ -39,6 +41,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from tqdm import tqdm
 
 from kdsweep.losses import logit_mse, student_loss
+from kdsweep.models.stacked import stacked_forward
 from kdsweep.registry import CACHE_KINDS, LOSSES
 from kdsweep.targets import TeacherTargets, step_rows
 from kdsweep.train import AdamW, BestVal, NonFiniteLoss, flushed_denormals
@@ -268,7 +271,10 @@ def fit_stacked(
     def forward(p: dict, b: dict, x: torch.Tensor) -> torch.Tensor:
         return functional_call(base, (p, b), (x,))
 
-    forward_k, loss_k = vmap(forward), vmap(loss_fn)
+    # on a CPU, the batched-matmul forward where the model has one (models.stacked)
+    fast = stacked_forward(base) if device.type == "cpu" else None
+    forward_k = vmap(forward) if fast is None else (lambda p, b, x: fast(p, x))
+    loss_k = vmap(loss_fn)
 
     def train_loss(
         p: dict, xb: torch.Tensor, batch: dict[str, torch.Tensor], h: dict[str, torch.Tensor]
