@@ -12,7 +12,15 @@ from kdsweep.losses import student_loss
 from kdsweep.models import build_model
 from kdsweep.models.stacked import conv1d_cl, stacked_forward
 from kdsweep.registry import ARCHS, LOSSES
-from kdsweep.students.plan import CPU_STACK_MAX_PARAMS, choose_path, memory_groups
+from kdsweep.students import plan
+from kdsweep.students.plan import (
+    CPU_STACK_MAX_PARAMS,
+    STACK_MAX_CPU,
+    choose_compile,
+    choose_path,
+    max_stack,
+    memory_groups,
+)
 from kdsweep.students.stack import (
     DISTILL_TERMS,
     BatchOrder,
@@ -351,6 +359,21 @@ def test_a_student_s_row_does_not_depend_on_its_stack() -> None:
         assert got[1:] == first[1:], members
 
 
+def test_a_compiled_stack_trains_the_eager_students() -> None:
+    """student.compile: the step through torch.compile (inductor) trains the students eager
+    mode trains, to float32 tolerance (it rounds differently: the key records it)."""
+    recipes, sizes = _mixed("full")
+    runs = [
+        _train_mixed("mlp", "full", [0, 1, 2, 3], recipes, sizes, 5, 0.01, torch.float32, False, c)
+        for c in (False, True)
+    ]
+    (eager, select_e), (compiled, select_c) = runs
+    for a, b in zip(eager.models, compiled.models, strict=True):
+        torch.testing.assert_close(_flat(a), _flat(b), rtol=1e-4, atol=1e-5)
+    for i in range(4):
+        assert select_e.curve_of(i)[1] == pytest.approx(select_c.curve_of(i)[1], rel=1e-4)
+
+
 def test_batch_order_is_each_student_s_own_epochs() -> None:
     """Each student's batches are `fit`'s: its own permutations of its own rows, an epoch's last
     partial batch dropped, whatever the other students' subset sizes."""
@@ -518,3 +541,21 @@ def test_a_student_s_matmul_forward_does_not_depend_on_k() -> None:
         out.append((z[0], [g[0] for g in grads]))
     assert torch.equal(out[0][0], out[1][0])
     assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1], strict=True))
+
+
+def test_choose_compile() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert not choose_compile(cpu, 10**6, "auto")  # measured never to pay on a CPU
+    assert choose_compile(cpu, 10, "on") and not choose_compile(cuda, 10**6, "off")
+    with pytest.raises(ValueError):
+        choose_compile(cpu, 10, "yes")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(plan.COMPILE_BREAK_EVEN, "cuda", 400)
+        assert choose_compile(cuda, 1500, "auto") and not choose_compile(cuda, 300, "auto")
+
+
+def test_memory_groups_respect_the_stack_size_cap() -> None:
+    assert [len(g) for g in memory_groups(130, 1, 10**9, STACK_MAX_CPU)] == [43, 43, 44]
+    assert [len(g) for g in memory_groups(10, 1, 4, 3)] == [2, 3, 2, 3]
+    assert max_stack(torch.device("cpu"), None) == STACK_MAX_CPU
+    assert max_stack(torch.device("cuda"), None) is None

@@ -115,8 +115,15 @@ def choose_path(
     return "stacked" if size < CPU_STACK_MAX_PARAMS else "sequential"
 
 
-# Most students in one stacked group on a CPU (more train one group after another). PLACEHOLDER
-STACK_MAX_CPU = 64
+# Most students in one stacked group on a CPU (more train one group after another, groups sized
+# evenly: 130 students train as 3 groups of 43-44). Measured with `bench/bench_stack.py --sweep`
+# (2-core EPYC, 1 torch thread, a shared machine, batch 128, cached KD, the matmul forward),
+# stacked samples/s as a fraction of the best K: cnn1d w16 K = 8 / 16 / 24 / 32 / 40 / 48 / 64 /
+# 128: 0.83 / 0.95 / 0.99 / 1.00 / 0.99 / 0.98 / 0.93 / 0.85 (the activations of larger stacks
+# leave the caches); mlp w32 K = 8 / 16 / 32 / 64 / 128: 0.71 / 0.85 / 0.90 / 1.00 / 1.00. 48 is
+# the largest K within 2% of the default student's best; rerun the sweep with the pipeline's
+# thread count on a quiet machine before changing it.
+STACK_MAX_CPU = 48
 
 
 def max_stack(device: torch.device, model: nn.Module) -> int | None:
@@ -125,23 +132,26 @@ def max_stack(device: torch.device, model: nn.Module) -> int | None:
     return STACK_MAX_CPU if device.type == "cpu" else None
 
 
-# torch.compile of a stacked step: (the fraction of an eager step's time it saves, its compile
-# seconds), per device type, measured by bench/bench_roofline.py. PLACEHOLDER: see below.
-COMPILE_GAIN: dict[str, tuple[float, float]] = {}
+# torch.compile of a stacked step pays after this many steps, per device type, measured by
+# bench/bench_roofline.py for the default student at the planner's K (compile seconds / seconds
+# saved per step); absent: never measured to pay. CPU (2-core EPYC, inductor, 1 thread): the
+# compiled step takes 2.03x the eager one for cnn1d w16 at K = 43 and 1.72x for w64 at K = 8,
+# after 14-15 s of compiling — never pays: inductor's fused C++ kernels for the ReLU masks and
+# the slice/pad gradients run 5-20x slower than ATen's (a ReLU storing its bool mask: 14.7 ms
+# against 0.70 ms eager for 1.3M floats), and the matmuls are the same extern calls. CUDA: not
+# measured yet (`python bench/bench_roofline.py --device cuda` prints the figure to put here).
+COMPILE_BREAK_EVEN: dict[str, int] = {}
 
 
-def choose_compile(device: torch.device, k: int, steps: int, forced: str) -> bool:
-    """Whether a stack of K students training `steps` steps compiles its step: forced "on" /
-    "off" wins; "auto" compiles where a bench measured a saving on this device type and the
-    steps save more than the compile costs."""
+def choose_compile(device: torch.device, steps: int, forced: str) -> bool:
+    """Whether a stack training `steps` steps compiles its step: forced "on" / "off" wins;
+    "auto" compiles where a bench measured compiling to pay within that many steps."""
     if forced not in ("on", "off", "auto"):
         raise ValueError(f"compile must be 'on', 'off' or 'auto', got {forced!r}")
     if forced != "auto":
         return forced == "on"
-    if device.type not in COMPILE_GAIN:
-        return False
-    saved, seconds = COMPILE_GAIN[device.type]
-    return steps * saved > seconds
+    break_even = COMPILE_BREAK_EVEN.get(device.type)
+    return break_even is not None and steps > break_even
 
 
 def memory_groups(
@@ -229,8 +239,6 @@ def plan_stacks(
         vmappable = ARCHS[st.arch].vmappable
         path = choose_path(device, probe, vmappable, len(members), p.student.stacked)
         steps = student_steps(st, n_train[members[0]])
-        compiled = path == "stacked" and choose_compile(
-            device, len(members), steps, p.student.compile
-        )
+        compiled = path == "stacked" and choose_compile(device, steps, p.student.compile)
         stacks.append(Stack(tuple(members), path, compiled))
     return stacks

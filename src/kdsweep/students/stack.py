@@ -59,11 +59,13 @@ StackedLossFn = Callable[
 class StackedFit:
     """The K trained students (ordinary modules, eval mode, in `seeds` order) and what `fit`'s
     caller records per student: the wall time of the whole stack and each student's fraction of
-    negative distillation terms (`neg_kl_frac`)."""
+    negative distillation terms (`neg_kl_frac`); `first_step`: the seconds of the first step
+    alone (a compiled step's compile time is in it)."""
 
     models: list[nn.Module]
     seconds: float
     neg_frac: list[float]
+    first_step: float = 0.0
 
 
 # The one-hot selectors of `recipe`: which distillation term a student's loss uses. The top-k
@@ -291,7 +293,7 @@ def fit_stacked(
     draw_gens = [torch.Generator().manual_seed(s) for s in seeds]  # ViewBatches' own stream
     opt = AdamW(params.values(), lr, weight_decay, steps)
     neg = torch.zeros(k, device=device)
-    terms = 0
+    terms, first = 0, 0.0
     t0 = time.perf_counter()
     with flushed_denormals():  # as `train.fit` does
         for step in tqdm(range(steps), desc=desc, disable=None, leave=False, mininterval=1.0):
@@ -319,6 +321,10 @@ def fit_stacked(
             opt.zero_grad()
             loss.sum().backward()
             opt.step()
+            if step == 0:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                first = time.perf_counter() - t0
             neg += (distill.detach() < 0).flatten(1).sum(1)
             terms += distill[0].numel()
             if select is not None and select.due(step + 1, steps):
@@ -335,7 +341,7 @@ def fit_stacked(
             for name, p in params.items():
                 model.get_parameter(name).copy_(p[i])
             model.eval()
-    return StackedFit(models, seconds, (neg / max(terms, 1)).tolist())
+    return StackedFit(models, seconds, (neg / max(terms, 1)).tolist(), first)
 
 
 def stacked_student_loss(
