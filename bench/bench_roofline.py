@@ -108,7 +108,8 @@ def planned(width: int, device: torch.device) -> tuple[str, Counter]:
             probe = student_model(probe_st, CLASSES, torch.zeros(1, *SHAPE), 0)
             path = choose_path(device, probe, ARCHS[probe_st.arch].vmappable, k, "auto")
             if path == "stacked":
-                for g in memory_groups(k, 1, 4 << 30, max_stack(device, probe)):
+                most = max_stack(device, probe, torch.zeros(1, *SHAPE), BATCH)
+                for g in memory_groups(k, 1, 4 << 30, most):
                     sizes[len(g)] += len(g)
             else:
                 sizes[1] += k

@@ -441,7 +441,7 @@ def test_memory_groups(k: int, per_student: int, budget: int, sizes: list[int]) 
 def test_choose_path() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     small = build_model("mlp", (1, 40), 10, 32)
-    big = build_model("cnn1d", (1, 40), 10, 64)
+    big = build_model("cnn1d", (1, 40), 10, 128)
     assert sum(p.numel() for p in small.parameters()) < CPU_STACK_MAX_PARAMS
     assert sum(p.numel() for p in big.parameters()) >= CPU_STACK_MAX_PARAMS
     assert choose_path(cpu, small, True, 8, "auto") == "stacked"
@@ -557,5 +557,8 @@ def test_choose_compile() -> None:
 def test_memory_groups_respect_the_stack_size_cap() -> None:
     assert [len(g) for g in memory_groups(130, 1, 10**9, STACK_MAX_CPU)] == [43, 43, 44]
     assert [len(g) for g in memory_groups(10, 1, 4, 3)] == [2, 3, 2, 3]
-    assert max_stack(torch.device("cpu"), None) == STACK_MAX_CPU
-    assert max_stack(torch.device("cuda"), None) is None
+    x = torch.zeros(1, 1, 40)
+    small, wide = (build_model("cnn1d", (1, 40), 10, w) for w in (16, 64))
+    assert max_stack(torch.device("cpu"), small, x, 128) == STACK_MAX_CPU
+    assert max_stack(torch.device("cpu"), wide, x, 128) == 14  # its activations: 1.1 MB
+    assert max_stack(torch.device("cuda"), wide, x, 128) is None

@@ -134,10 +134,10 @@ def _fit_stack(
 ) -> list[Trained]:
     """Stacked training of students sharing a `plan.stack_key` (`kind`: the cache kind of their
     store, None for labels), in groups that fit memory (half the free GPU memory, 4 GiB on a
-    CPU) and `plan.max_stack`; `sizes`: each student's training rows; `part(job)` builds a student's inputs, labels and teacher rows,
-    `val(job)` its validation rows; `teacher`: an online store's, run on every step's inputs;
-    `fresh`: a fresh augmented view per sample and step (cached views come with the rows);
-    `compiled`: the step through torch.compile.
+    CPU) and `plan.max_stack`; `sizes`: each student's training rows; `part(job)` builds a
+    student's inputs, labels and teacher rows, `val(job)` its validation rows; `teacher`: an
+    online store's, run on every step's inputs; `fresh`: a fresh augmented view per sample and
+    step (cached views come with the rows); `compiled`: the step through torch.compile.
 
     A student's footprint is estimated as parameters + gradients + AdamW state (16 bytes a
     parameter) plus the largest subset's rows and targets and a generous allowance for
@@ -155,7 +155,8 @@ def _fit_stack(
     del x0, y0, t0
     out: list[Trained] = []
     per_student = 16 * n_params + data_bytes + act
-    for group in memory_groups(len(jobs), per_student, budget, max_stack(device, probe)):
+    most = max_stack(device, probe, sample, min(st.batch_size, sizes[0]))
+    for group in memory_groups(len(jobs), per_student, budget, most):
         mine = [jobs[i] for i in group]
         xs, targets = stack_subsets([part(job) for job in mine])
         aug = targets.pop("aug", None)

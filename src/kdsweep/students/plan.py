@@ -18,13 +18,15 @@ from kdsweep.targets import TeacherTargets
 from kdsweep.train import num_steps, pick_device
 
 # Largest student (parameter count) for which the stacked path is chosen on a CPU. Measured with
-# bench/bench_stack.py (2 cores, 1 torch thread, batch 128, MNIST-1D shapes, cached KD), stacked/
-# sequential samples/s at K = 8 / 32: cnn1d w8 (0.9k) 1.9/2.4x, w16 (2.5k) 1.8/2.3x, w32 (8k)
-# 1.4/1.4x, w64 (28k) 1.1/1.0x; mlp w32 (2.7k) 2.5/5.6x, w64 (7k) 2.5/4.2x, w128 (23k) 2.2/2.6x,
-# w256 (79k) 1.2/1.4x. At K = 1 stacking costs 0.5-0.8x. The CNN gains less per parameter than
-# the MLP (more work per parameter), so the bound sits just below the width-64 CNN, which §7 and
-# this bench both find gains nothing.
-CPU_STACK_MAX_PARAMS = 25_000
+# bench/bench_stack.py (2 cores, batch 128, MNIST-1D shapes, cached KD), stacked/sequential
+# samples/s. With vmap's grouped convolutions (before models.stacked; 1 thread, K = 8 / 32):
+# cnn1d w8 (0.9k) 1.9/2.4x, w16 (2.5k) 1.8/2.3x, w32 (8k) 1.4/1.4x, w64 (28k) 1.1/1.0x; mlp w32
+# (2.7k) 2.5/5.6x, w64 (7k) 2.5/4.2x, w128 (23k) 2.2/2.6x, w256 (79k) 1.2/1.4x; the bound was
+# 25,000. With the batched-matmul forward (2 threads, the pipeline's default, K = 8, best of 2,
+# a shared machine): cnn1d w64 (28k) 1.41x (K = 20: 1.44x), w80 (43k) 1.30x, w96 (61k) 1.22x,
+# w128 (106k) 0.95x; mlp w256 (79k) 1.40x, w512 (289k) 0.73x; 1 thread: cnn1d w64 1.05-1.14x at
+# K = 4-16, w16 2.2x at K = 8 and 2.8x at K = 32. At K = 1 stacking costs 0.5-0.8x.
+CPU_STACK_MAX_PARAMS = 80_000
 
 
 @dataclass(frozen=True)
@@ -116,20 +118,50 @@ def choose_path(
 
 
 # Most students in one stacked group on a CPU (more train one group after another, groups sized
-# evenly: 130 students train as 3 groups of 43-44). Measured with `bench/bench_stack.py --sweep`
-# (2-core EPYC, 1 torch thread, a shared machine, batch 128, cached KD, the matmul forward),
-# stacked samples/s as a fraction of the best K: cnn1d w16 K = 8 / 16 / 24 / 32 / 40 / 48 / 64 /
-# 128: 0.83 / 0.95 / 0.99 / 1.00 / 0.99 / 0.98 / 0.93 / 0.85 (the activations of larger stacks
-# leave the caches); mlp w32 K = 8 / 16 / 32 / 64 / 128: 0.71 / 0.85 / 0.90 / 1.00 / 1.00. 48 is
-# the largest K within 2% of the default student's best; rerun the sweep with the pipeline's
-# thread count on a quiet machine before changing it.
+# evenly: 130 students train as 3 groups of 43-44), and the activations one group may hold: a
+# stack whose activations leave the caches slows down. Measured with `bench/bench_stack.py
+# --sweep` (2-core EPYC, a shared machine, batch 128, cached KD, the matmul forward), stacked
+# samples/s as a fraction of the best K — 1 thread, cnn1d w16, K = 8 / 16 / 24 / 32 / 40 / 48 /
+# 64 / 128: 0.83 / 0.95 / 0.99 / 1.00 / 0.99 / 0.98 / 0.93 / 0.85; mlp w32, K = 8 / 16 / 32 / 64
+# / 128: 0.71 / 0.85 / 0.90 / 1.00 / 1.00; 2 threads, K = 8 / 20 / 40 / 64: cnn1d w16 0.71 /
+# 0.93 / 1.00 / 0.98, cnn1d w64 1.00 / 1.00 / 0.94 / 0.83. The w16 CNN's activations (0.29 MB a
+# student at batch 128) allow 48 within 16 MB, the w64 CNN's (1.1 MB) 14: both in their best
+# range. Rerun the sweep with the pipeline's thread count on a quiet machine before changing them.
 STACK_MAX_CPU = 48
+STACK_ACTIVATIONS_CPU = 16 << 20
 
 
-def max_stack(device: torch.device, model: nn.Module) -> int | None:
-    """The largest group of students like `model` trained at once on `device` beyond what
-    memory allows (None: memory alone bounds it)."""
-    return STACK_MAX_CPU if device.type == "cpu" else None
+def activation_bytes(model: nn.Module, sample: torch.Tensor, batch_size: int) -> int:
+    """float32 bytes of the outputs of `model`'s layers with parameters (its convolutions and
+    linear layers: the activations a stack writes per layer) for one batch of one student."""
+    total = 0
+
+    def count(mod: nn.Module, inp: tuple, out: Any) -> None:
+        nonlocal total
+        own = next(mod.parameters(recurse=False), None) is not None
+        if isinstance(out, torch.Tensor) and own and not list(mod.children()):
+            total += out.numel()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(sample[:1].to(next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return 4 * total * batch_size
+
+
+def max_stack(
+    device: torch.device, model: nn.Module, sample: torch.Tensor, batch_size: int
+) -> int | None:
+    """The largest group of students like `model` (inputs like `sample`, batches of
+    `batch_size`) trained at once on `device` beyond what memory allows (None: memory alone
+    bounds it)."""
+    if device.type != "cpu":
+        return None
+    per = activation_bytes(model, sample, batch_size)
+    return max(1, min(STACK_MAX_CPU, STACK_ACTIVATIONS_CPU // max(per, 1)))
 
 
 # torch.compile of a stacked step pays after this many steps, per device type, measured by
