@@ -181,8 +181,9 @@ def test_subset_too_small_for_the_classes_is_refused(workspace):
 
 
 def test_stacked_stage_matches_the_sequential_one(workspace):
-    """student.stacked: on trains each stage's students at once, in one stack per loss and
-    target shape; the rows match `off` (one student after another), store by store."""
+    """student.stacked: on trains each stage's students at once, in one stack per batch size and
+    step count across α and methods; the rows match `off` (one student after another), store by
+    store."""
     for store in stages(every_method()):
         rows = {}
         for mode in ("on", "off"):
