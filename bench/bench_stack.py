@@ -8,8 +8,13 @@ trains one after another, which is then the sequential code itself). Absolute sa
 printed beside the ratios for context only. The data are random tensors of MNIST-1D shape; the teacher
 targets are random full logits, so no pipeline stage has to run first.
 
+With --sweep it measures the stacked path alone at each K (no sequential run): samples/s
+against K, as the ratio to the best K of the same student in the same run — the measurement
+behind `students.plan.STACK_MAX_CPU` (the largest group trained at once).
+
   python bench/bench_stack.py --quick
   python bench/bench_stack.py --device cuda --students cnn1d:32,mlp:32,mlp:256
+  python bench/bench_stack.py --sweep --ks 8,16,32,64,128 --students cnn1d:16,mlp:32
 """
 
 from __future__ import annotations
@@ -82,6 +87,34 @@ def run_stacked(
     return time.perf_counter() - t0
 
 
+def _sweep(
+    dev: torch.device, students: str, ks: list[int], steps: int, bs: int, n: int, repeat: int
+) -> None:
+    """Stacked samples/s at each K, and each as a ratio to the best K of its student; the K
+    values are interleaved within each repeat, so a change in machine load hits all."""
+    print(
+        f"device={dev} threads={torch.get_num_threads()} steps={steps} batch={bs} n={n} "
+        f"loss=kd(full, τ={TAU})  stacked path only; ratio = samples/s / the best K's "
+        f"(best of {repeat})"
+    )
+    for spec in students.split(","):
+        arch, width = spec.split(":")[0], int(spec.split(":")[1])
+        warm_x, warm_t = make_data(2, n, dev)
+        run_stacked(arch, width, warm_x, warm_t, 5, bs)
+        best = {k: float("inf") for k in ks}
+        for _ in range(repeat):
+            for k in ks:
+                xs, t = make_data(k, n, dev)
+                best[k] = min(best[k], run_stacked(arch, width, xs, t, steps, bs))
+        rate = {k: k * steps * min(bs, n) / best[k] for k in ks}
+        top = max(rate.values())
+        print(
+            f"{spec:<10} "
+            + "  ".join(f"K={k}: {rate[k]:,.0f}/s ({rate[k] / top:.2f})" for k in ks),
+            flush=True,
+        )
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -97,6 +130,7 @@ def main(
     repeat: int = 1,
     threads: int = typer.Option(0, help="torch intra-op threads; 0 keeps torch's default"),
     quick: bool = typer.Option(False, help="20 steps, one repeat: a smoke test, not a number"),
+    sweep: bool = typer.Option(False, help="stacked samples/s against K only, no sequential run"),
 ) -> None:
     dev = torch.device(device)
     if threads:
@@ -105,6 +139,10 @@ def main(
     if quick:
         steps, repeat = 20, 1
     print(f"load average before: {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
+    if sweep:
+        _sweep(dev, students, k_values, steps, batch_size, n, repeat)
+        print(f"load average after: {os.getloadavg()[0]:.1f} (other processes skew CPU numbers)")
+        return
     print(
         f"device={dev} threads={torch.get_num_threads()} steps={steps} batch={batch_size} n={n} "
         f"loss=kd(full, τ={TAU})  ratio = samples/s stacked / samples/s sequential (best of "

@@ -25,8 +25,8 @@ from kdsweep.models import build_model
 from kdsweep.models.basic import CNN1D
 from kdsweep.registry import LOSSES
 from kdsweep.runs import RUN_SCHEMA, collect_runs
-from kdsweep.students.inputs import StageInputs, open_store, student_data
-from kdsweep.students.plan import stack_key, student_jobs
+from kdsweep.students.inputs import StageInputs, open_store
+from kdsweep.students.plan import stack_key, stage_jobs
 from kdsweep.students.stage import run_student_stage
 from kdsweep.targets import NO_TARGETS
 from kdsweep.teacher import teacher_model
@@ -181,8 +181,9 @@ def test_subset_too_small_for_the_classes_is_refused(workspace):
 
 
 def test_stacked_stage_matches_the_sequential_one(workspace):
-    """student.stacked: on trains each stage's students at once, in one stack per loss and
-    target shape; the rows match `off` (one student after another), store by store."""
+    """student.stacked: on trains each stage's students at once, in one stack per batch size and
+    step count across α and methods; the rows match `off` (one student after another), store by
+    store."""
     for store in stages(every_method()):
         rows = {}
         for mode in ("on", "off"):
@@ -201,49 +202,43 @@ def test_stacked_stage_matches_the_sequential_one(workspace):
             assert a["agreement"] == pytest.approx(b["agreement"], abs=0.01), a["method"]
 
 
-def test_students_share_a_stack_when_only_lambda_tau_seed_and_data_differ(workspace):
+def test_a_stage_s_students_share_a_stack_across_alpha_and_methods(workspace):
+    """Every student of a stage with one configuration, batch size and step count shares a
+    stack, whatever its α, method, loss, λ, τ, ε or seed (the store fixes the target arrays);
+    another batch size (a subset smaller than a batch), another step count (`min_epochs` on a
+    larger subset) or another configuration is another stack."""
     raw = tiny_raw()
-    raw["alphas"] = [0.05]
+    raw["alphas"] = [0.1, 1.0]
     raw["sweep"] = {"methods": ALL_METHODS}
     p = parse_params(raw)
-    targets = {s: _train_targets(p, s, workspace)[1] for s in p.cache.stores}
     prep = load_prepared(workspace / "data/prepared")
+    vf = p.student.val_fraction
 
-    def keys(p: Params, method: str) -> set:
-        (store,) = p.stores_or_none(method)
-        t = targets[store] if store else NO_TARGETS
-        return {
-            stack_key(job, student_data(job, prep, t, p.student.val_fraction)[2])
-            for job in student_jobs(p, method, store)
-        }
+    def keys(p: Params, store: str | None) -> dict:
+        t = _train_targets(p, store, workspace)[1]
+        out: dict = {}
+        for job in stage_jobs(p, store):
+            n = len(prep.split(job.alpha, job.subset_seed, vf)[0])
+            out.setdefault(stack_key(job, t, n), set()).add((job.method, job.alpha))
+        return out
 
-    kd = keys(p, "kd")
-    assert len(kd) == 1  # both τ and both subset seeds
-    for same in ("ls_matched", "shuffled_dk", "ls_teacher", "random_head"):
-        assert keys(p, same) == kd, same  # plain KD on transformed (or another teacher's) logits
-    # CE on the teacher's top-1 is CE on other labels: the same function as `ce`
-    assert keys(p, "top1_teacher") == keys(p, "ce")
-    distinct = [kd, *(keys(p, m) for m in ("ce", "ls", "logit_mse"))]
-    distinct += [keys(p, "kd_top3"), keys(p, "kd_sampled4")]
-    assert len(set().union(*distinct)) == len(distinct)
-    assert len(keys(every_method(), "kd")) == len(every_method().alphas)  # one stack per α
-    raw["cache"]["stores"]["top2"] = {"teacher": "main", "kind": "topk", "k": 2}
-    raw["methods"]["kd_top2"] = {"loss": "kd", "tau": 4, "cache": "top2"}
-    raw["methods"]["kd_top3_renorm"] = {"loss": "kd", "tau": 4, "cache": "top3"}
-    raw["methods"]["kd_top3_renorm"]["topk_mode"] = "renorm"
-    p = parse_params(raw)
-    data = workspace / "data"
-    build_cache(
-        p,
-        "top2",
-        prep,
-        data / "teachers/main.safetensors",
-        data / "logits/top2.zarr",
-        data / "summaries/top2.json",
-    )
-    targets["top2"] = _train_targets(p, "top2", workspace)[1]
-    assert keys(p, "kd_top2").isdisjoint(keys(p, "kd_top3"))  # other k: other target shapes
-    assert keys(p, "kd_top3_renorm").isdisjoint(keys(p, "kd_top3"))  # another loss
+    full = keys(p, "full")
+    assert len(full) == 1  # kd at both τ, the controls, logit_mse, top1_teacher; both α
+    (members,) = full.values()
+    assert {m for m, _ in members} == set(p.methods_reading("full"))
+    assert {a for _, a in members} == {0.1, 1.0}
+    assert len(keys(p, None)) == 1  # ce and ls (ε per student)
+    assert len(keys(p, "top3")) == 1
+    # a budget of min_epochs: α = 1 trains more steps than α = 0.1, in its own stack
+    raw["student"]["budget"] = {"mode": "steps", "value": 20, "min_epochs": 5}
+    assert len(keys(parse_params(raw), "full")) == 2
+    # a subset smaller than a batch takes smaller batches: its own stack
+    raw["student"]["budget"] = {"mode": "steps", "value": 20}
+    raw["alphas"] = [0.05, 1.0]  # 30 rows, 27 to train on, batches of 32
+    assert len(keys(parse_params(raw), "full")) == 2
+    raw["alphas"] = [0.1, 1.0]
+    raw["students"] = {"small": {}, "wide": {"width": 12}}
+    assert len(keys(parse_params(raw), "full")) == 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -311,6 +311,9 @@ class StudentParams(Strict):
     train_seeds: list[int] = [0]
     device: Device = "auto"
     stacked: Literal["auto", "on", "off"] = "auto"
+    # torch.compile of a stacked step (students.plan.choose_compile): auto compiles where the
+    # measured saving outweighs the compile time; it changes rounding (part of a student's key)
+    compile: Literal["auto", "on", "off"] = "auto"
     threads: int = Field(0, ge=0)  # torch CPU threads per training process; 0: its share of cores
     executor: Literal["local", "dask"] = "local"  # where stacks train (kdsweep.students.executor)
     dask: DaskParams = DaskParams()
@@ -318,7 +321,15 @@ class StudentParams(Strict):
     def recipe(self) -> dict[str, Any]:
         """The fields that decide what a student learns — not where, with how many threads or
         beside which others it trains (those are recorded per student where they matter)."""
-        placement = {"device", "stacked", "threads", "executor", "dask", "train_seeds"}
+        placement = {
+            "device",
+            "stacked",
+            "compile",
+            "threads",
+            "executor",
+            "dask",
+            "train_seeds",
+        }
         return self.model_dump(mode="json", by_alias=True, exclude=placement)
 
 

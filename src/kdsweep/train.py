@@ -97,22 +97,33 @@ class BestVal:
     past its best (perplexity ~20,000 at α = 0.05 on the language track). Validation rows only,
     never test.
 
-    x, y: [K, n_val, ...] each student's validation inputs and labels. After training, `step`
-    holds each student's chosen step (0: none kept — `keep_best` off, or no finite loss).
+    x, y: each student's validation inputs and labels, [K, n_val, ...] or, for students with
+    validation sets of different sizes (a stack across α), lists of K tensors [n_k, ...].
+    They are evaluated in chunks of exactly `batch_size` rows per student (a short last chunk,
+    or a short set, is padded and the padding left out of the sums), and each student's sum is
+    taken over its own rows alone: a student's curve does not depend on which others it is
+    evaluated beside. After training, `step` holds each student's chosen step (0: none kept —
+    `keep_best` off, or no finite loss).
     """
 
     def __init__(
         self,
-        x: torch.Tensor,
-        y: torch.Tensor,
+        x: torch.Tensor | list[torch.Tensor],
+        y: torch.Tensor | list[torch.Tensor],
         every: int,
         batch_size: int = 256,
         keep_best: bool = True,
     ):
         if every <= 0:
             raise ValueError(f"eval_every must be positive, got {every}")
-        self.x, self.y, self.every, self.batch_size = x, y, every, batch_size
-        self.keep_best = keep_best
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} students' validation inputs, {len(y)} students' labels")
+        self.sizes = [len(v) for v in y]
+        if [len(v) for v in x] != self.sizes:
+            raise ValueError("each student's validation inputs and labels must have equal rows")
+        self.every, self.batch_size, self.keep_best = every, batch_size, keep_best
+        padded = -(-max(self.sizes) // batch_size) * batch_size
+        self.x, self.y = _pad_rows(x, padded), _pad_rows(y, padded)
         self.loss = torch.full((len(x),), math.inf, dtype=torch.float64)
         self.step = torch.zeros(len(x), dtype=torch.long)
         self.state: list[torch.Tensor] = []
@@ -126,13 +137,21 @@ class BestVal:
     @torch.no_grad()
     def evaluate(self, forward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Each student's mean validation cross-entropy [K]; forward(x [K, b, ...]) gives the
-        K students' logits [K, b, ..., C], in batches of `batch_size` rows per student."""
-        total = torch.zeros(len(self.x), dtype=torch.float64, device=self.x.device)
+        K students' logits [K, b, ..., C], in chunks of `batch_size` rows per student."""
+        k = len(self.sizes)
+        total = torch.zeros(k, dtype=torch.float64, device=self.x.device)
         for i in range(0, self.x.shape[1], self.batch_size):
             z, y = forward(self.x[:, i : i + self.batch_size]), self.y[:, i : i + self.batch_size]
-            ce = F.cross_entropy(z.flatten(0, -2), y.flatten(), reduction="none")
-            total += ce.view(len(z), -1).sum(1).double()
-        return total.cpu() / self.y[0].numel()
+            ce = F.cross_entropy(z.flatten(0, -2), y.flatten(), reduction="none").view(
+                k, len(y[0]), -1
+            )
+            # each student's own rows of the chunk, summed alone (float32, as one student's)
+            zero = ce.new_zeros(())
+            total += torch.stack(
+                [ce[s, : n - i].sum() if n > i else zero for s, n in enumerate(self.sizes)]
+            ).double()
+        per_row = self.y[0, 0].numel()  # positions of a sequence, else 1
+        return total.cpu() / torch.tensor([n * per_row for n in self.sizes], dtype=torch.float64)
 
     @torch.no_grad()
     def update(self, done: int, losses: torch.Tensor, state: list[torch.Tensor]) -> None:
@@ -166,6 +185,16 @@ class BestVal:
     def curve_of(self, k: int) -> tuple[list[int], list[float]]:
         """Student k's validation curve: (steps, mean validation cross-entropy at each)."""
         return list(self.steps), [float(v[k]) for v in self.losses]
+
+
+def _pad_rows(rows: torch.Tensor | list[torch.Tensor], n: int) -> torch.Tensor:
+    """K students' rows [n_k, ...] as one tensor [K, n, ...], zero-padded at the end."""
+    if isinstance(rows, torch.Tensor) and rows.shape[1] == n:
+        return rows
+    out = rows[0].new_zeros((len(rows), n, *rows[0].shape[1:]))
+    for k, r in enumerate(rows):
+        out[k, : len(r)] = r
+    return out
 
 
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

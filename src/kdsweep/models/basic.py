@@ -11,6 +11,8 @@ from torch import nn
 class CNN1D(nn.Module):
     """The MNIST-1D convolutional baseline: three strided convs, then a linear head."""
 
+    SEQUENTIAL = ("features", "head")  # forward: these in order (models.stacked)
+
     def __init__(self, in_channels: int, length: int, num_classes: int, width: int = 64):
         super().__init__()
         self.features = nn.Sequential(
@@ -33,6 +35,8 @@ class CNN1D(nn.Module):
 
 class MLP(nn.Module):
     """Two hidden layers: the tiny student for which stacking pays off even on a CPU."""
+
+    SEQUENTIAL = ("features", "head")  # forward: these in order (models.stacked)
 
     def __init__(self, in_features: int, num_classes: int, width: int = 64):
         super().__init__()

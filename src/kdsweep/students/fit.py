@@ -2,10 +2,11 @@
 (or none), from the cached teacher targets — or, for an online store, its teacher run on every
 batch.
 
-Students that share a `plan.stack_key` form a `Stack`, trained either together (stacked under
-vmap, in memory-sized groups) or one after another, whichever `plan.choose_path` says is faster
-for this student and device (`student.stacked: on|off` forces either). `train_stack` is the unit
-an executor runs (kdsweep.students.executor); kdsweep.students.stage runs a whole stage.
+Students that share a `plan.stack_key` (one configuration, batch size and step count: any α,
+method, τ, λ, ε and seed) form a `Stack`, trained either together (stacked under vmap, in groups
+that fit memory and `plan.max_stack`) or one after another, whichever `plan.choose_path` says is
+faster for this student and device (`student.stacked: on|off` forces either). `train_stack` is
+the unit an executor runs (kdsweep.students.executor); kdsweep.students.stage runs a whole stage.
 """
 
 from __future__ import annotations
@@ -26,15 +27,15 @@ from kdsweep.students.plan import (
     Stack,
     StudentJob,
     machine,
+    max_stack,
     memory_groups,
-    stack_key,
     stage_jobs,
     student_model,
     student_steps,
     train_threads,
 )
 from kdsweep.students.records import git_rev, run_record
-from kdsweep.students.stack import fit_stacked, stack_subsets, stacked_student_loss
+from kdsweep.students.stack import fit_stacked, mixed_loss, recipe, recipe_hyper, stack_subsets
 from kdsweep.targets import TeacherTargets, ViewBatches
 from kdsweep.train import BestVal, fit, pick_device
 
@@ -86,9 +87,21 @@ def train_stack(
         # do not depend on each other): a stack of one trains beside a copy of itself
         padded = members * 2 if len(members) == 1 else members
         probe = student_model(members[0].st, num_classes, sd.prep.splits.x_train, seed=0)
-        key = stack_key(members[0], sd.train)
+        sizes = [
+            len(sd.prep.split(j.alpha, j.subset_seed, p.student.val_fraction)[0]) for j in padded
+        ]
         trained = _fit_stack(
-            p, key, padded, part, val, probe, num_classes, device, teacher, sd.fresh
+            padded,
+            sizes,
+            part,
+            val,
+            probe,
+            num_classes,
+            device,
+            sd.train.kind,
+            teacher,
+            sd.fresh,
+            stack.compiled,
         )
         trained = trained[: len(members)]
     else:
@@ -107,62 +120,70 @@ def train_stack(
 
 
 def _fit_stack(
-    p: Params,
-    key: tuple,
     jobs: list[StudentJob],
+    sizes: list[int],
     part: Callable[[StudentJob], tuple[torch.Tensor, torch.Tensor, TeacherTargets]],
     val: Callable[[StudentJob], Rows],
     probe: torch.nn.Module,
     num_classes: int,
     device: torch.device,
+    kind: str | None,
     teacher: nn.Module | None = None,
     fresh: bool = False,
+    compiled: bool = False,
 ) -> list[Trained]:
-    """Stacked training of students sharing `key`, in groups that fit memory (half the free GPU
-    memory, 4 GiB on a CPU); `part(job)` builds a student's inputs, labels and teacher rows,
-    `val(job)` its validation rows; `teacher`: an online store's, run on every step's inputs;
-    `fresh`: a fresh augmented view per sample and step (cached views come with the rows).
+    """Stacked training of students sharing a `plan.stack_key` (`kind`: the cache kind of their
+    store, None for labels), in groups that fit memory (half the free GPU memory, 4 GiB on a
+    CPU) and `plan.max_stack`; `sizes`: each student's training rows; `part(job)` builds a
+    student's inputs, labels and teacher rows, `val(job)` its validation rows; `teacher`: an
+    online store's, run on every step's inputs; `fresh`: a fresh augmented view per sample and
+    step (cached views come with the rows); `compiled`: the step through torch.compile.
 
     A student's footprint is estimated as parameters + gradients + AdamW state (16 bytes a
-    parameter) plus its subset, targets and a generous allowance for activations.
+    parameter) plus the largest subset's rows and targets and a generous allowance for
+    activations.
     """
     st = jobs[0].st
-    _, _, _, kind, epsilon, topk_mode, _ = key
     x0, y0, t0 = part(jobs[0])
-    data_bytes = x0.nbytes + y0.nbytes + sum(v.nbytes for v in t0.tensors.values())
+    row_bytes = (x0.nbytes + y0.nbytes + sum(v.nbytes for v in t0.tensors.values())) / len(y0)
+    data_bytes = int(row_bytes * max(sizes))
     n_params = sum(q.numel() for q in probe.parameters())
     act = 4 * min(st.batch_size, len(y0)) * x0[0].numel() * 64
     budget = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 4 << 30
-    steps = student_steps(st, len(y0))
+    steps = student_steps(st, sizes[0])  # one for all: plan.stack_key
     sample = x0[:1].clone()  # the model factory needs only the input shape: free the subset
     del x0, y0, t0
-    loss_fn = stacked_student_loss(jobs[0].m.loss, kind, epsilon or 0.0, topk_mode or "tail")
     out: list[Trained] = []
-    for group in memory_groups(len(jobs), 16 * n_params + data_bytes + act, budget):
-        xs, targets = stack_subsets([part(jobs[i]) for i in group])
+    per_student = 16 * n_params + data_bytes + act
+    most = max_stack(device, probe, sample, min(st.batch_size, sizes[0]))
+    for group in memory_groups(len(jobs), per_student, budget, most):
+        mine = [jobs[i] for i in group]
+        xs, targets = stack_subsets([part(job) for job in mine])
         aug = targets.pop("aug", None)
-        hyper = {
-            "lam": torch.tensor([jobs[i].m.lam for i in group], dtype=torch.float64),
-            "tau": torch.tensor([jobs[i].tau for i in group], dtype=torch.float64),
-        }
-        select = _validation(st, [val(jobs[i]) for i in group], device)
+        hyper = recipe_hyper(
+            [recipe(j.m.loss, kind, j.m.lam, j.tau, j.m.epsilon, j.m.topk_mode) for j in mine]
+        )
+        select = _validation(st, [val(job) for job in mine], device)
+        alphas = sorted({j.alpha for j in mine})
         res = fit_stacked(
             lambda seed: student_model(st, num_classes, sample, seed),
-            [jobs[i].seed for i in group],
-            xs.to(device),
-            {k: v.to(device) for k, v in targets.items()},
-            loss_fn,
+            [j.seed for j in mine],
+            [x.to(device) for x in xs],
+            {k: [v.to(device) for v in vs] for k, vs in targets.items()},
+            mixed_loss(kind, hyper),
             hyper,
             steps,
             st.batch_size,
             st.lr,
             st.weight_decay,
-            desc=f"{jobs[0].m.loss} α={jobs[0].alpha:g} ×{len(group)}",
+            desc=f"{len({j.method for j in mine})} methods α={','.join(map(str, alphas))} "
+            f"×{len(group)}",
             select=select,
             teacher=teacher,
             drawn=_drawn(kind),
-            aug=aug.to(device) if aug is not None else None,
+            aug=[a.to(device) for a in aug] if aug is not None else None,
             fresh=fresh,
+            compiled=compiled,
         )
         share = res.seconds / len(group)
         out += [
@@ -180,7 +201,7 @@ def _drawn(kind: str | None) -> tuple[str, ...]:
 def _validation(st: StudentParams, rows: list[Rows], device: torch.device) -> BestVal:
     """The validation rows of K students as `train.BestVal`: their curves always, their best
     checkpoints under `select: best_val`."""
-    xs, ys = (torch.stack(t).to(device) for t in zip(*rows, strict=True))
+    xs, ys = ([v.to(device) for v in t] for t in zip(*rows, strict=True))
     return BestVal(xs, ys, st.budget.eval_every, keep_best=st.budget.select == "best_val")
 
 

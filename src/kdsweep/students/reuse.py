@@ -5,8 +5,9 @@ The key covers everything that decides a student's row: its recipe (loss, λ, τ
 α and seeds, the student params that shape training, the exact rows it reads (the data
 fingerprint and its subset's row ids, a content hash of the cache rows and of the reference
 store's test outputs, an online store's teacher weights, the views it sees: cached, fresh or
-none), how it trains (device type, CPU threads, stacked or sequential — each
-rounds differently), the torch version, and the source of the code on its path: the student
+none), how it trains (device type, CPU threads, stacked or sequential, compiled or eager —
+each rounds differently; which other students share its stack does not change a bit of it,
+see students.stack), the torch version, and the source of the code on its path: the student
 stage's imports plus the registry modules *this* student uses (its architecture, its loss or
 control, its cache kind). So a reused row is the row a from-scratch run would write (on a CPU:
 tests/test_reuse.py), a fresh clone recomputes it, and the previous output — the workspace's, a
@@ -109,10 +110,11 @@ def student_keys(
 ) -> list[str]:
     """Each student's content key (`reuse.student_key`), in `jobs` order."""
     path = {i: s.path for s in stacks for i in s.members}
+    compiled = {i: s.compiled for s in stacks for i in s.members}
     here = machine(p)
     keys = []
     for i, job in enumerate(jobs):
         rows = torch.cat(sd.prep.split(job.alpha, job.subset_seed, p.student.val_fraction))
-        placement = {**here, "path": path[i]}
+        placement = {**here, "path": path[i], "compiled": compiled[i]}
         keys.append(student_key(p, job, store, rows, sd.fingerprints, placement))
     return keys

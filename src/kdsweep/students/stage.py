@@ -42,10 +42,15 @@ def run_student_stage(p: Params, inputs: StageInputs, out_dir: Path) -> Path:
     jobs = stage_jobs(p, store)
     sd = stage_data(p, inputs, run)
     s = sd.prep.splits
-    stacks = plan_stacks(p, sd.train, s.x_train, s.num_classes, jobs)
+    vf = p.student.val_fraction
+    n_train = [len(sd.prep.split(j.alpha, j.subset_seed, vf)[0]) for j in jobs]
+    stacks = plan_stacks(p, sd.train, s.x_train, s.num_classes, jobs, n_train)
     keys = student_keys(p, store, sd, jobs, stacks)
     have = previous_rows(out_dir)
-    todo = [Stack(tuple(i for i in s.members if keys[i] not in have), s.path) for s in stacks]
+    todo = [
+        Stack(tuple(i for i in s.members if keys[i] not in have), s.path, s.compiled)
+        for s in stacks
+    ]
     todo = [s for s in todo if s.members]
 
     def durable(rows: list[dict[str, Any]]) -> None:
