@@ -75,7 +75,14 @@ def repro(source: Path, params: Path, label: str) -> dict:
     return {"wall": wall, "cpu": cpu, "students": runs, "overhead": overhead, **work_s}
 
 
-def main(params: Path = Path("params.yaml"), baseline: str = "") -> None:
+def main(
+    params: Path = Path("params.yaml"),
+    baseline: str = "",
+    baseline_params: Path | None = None,
+) -> None:
+    """`params` for this revision; `--baseline REV` runs REV first on `--baseline-params` (by
+    default REV's own params.yaml when `params` is the workspace's, else `params`): the same
+    workload written in each revision's schema."""
     params = params.resolve()
     if not baseline:
         repro(REPO, params, "this revision")
@@ -85,7 +92,8 @@ def main(params: Path = Path("params.yaml"), baseline: str = "") -> None:
         ["git", "archive", baseline], cwd=REPO, capture_output=True, check=True
     )
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
-    base_params = old / "params.yaml" if params == (REPO / "params.yaml").resolve() else params
+    own = old / "params.yaml" if params == (REPO / "params.yaml").resolve() else params
+    base_params = baseline_params.resolve() if baseline_params else own
     a = repro(old, base_params, f"baseline {baseline}")
     b = repro(REPO, params, "this revision")
     print(f"\n# side by side (this revision / baseline {baseline}, same machine, one run)")
