@@ -254,6 +254,18 @@ def test_report_by_factor(tmp_path: Path) -> None:
     assert float(gain) == pytest.approx(10, abs=0.5)
 
 
+def test_a_student_without_the_baseline_still_gets_its_panels(tmp_path: Path) -> None:
+    """A configuration that trained kd but no ce (a sweep that gives it kd only) has no gain to
+    show: its panel says so, and the report is still written."""
+    rows = [r for r in runs() if not (r["student"] == "same" and r["method"] == "ce")]
+    md = _report(tmp_path, rows, PRIMARY)
+    section = md[md.index("## By factor") : md.index("## What kd's gain is made of")]
+    assert "| same **=** | main (full) | 2,500 / 2,500 = 1 | 0.02 | — |" in section  # no ce
+    assert "| small | main (full) | 700 / 2,500 = 0.28 | 0.02 | 0.5" in section
+    for name in FACTOR_FIGURES:
+        assert (tmp_path / "out/figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_one_pair_has_no_by_factor_section(tmp_path: Path) -> None:
     md = _report(tmp_path, runs(students=("small",), teachers=("main",)), PRIMARY)
     assert "By factor" not in md

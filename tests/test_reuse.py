@@ -88,6 +88,18 @@ def test_changing_kd_tau_trains_only_kd_students_and_equals_a_fresh_run(workspac
     assert {r["train_path"] for r in after} == {"stacked"}
 
 
+def test_a_renamed_student_configuration_is_trained_anew_under_its_name(workspace, capsys):
+    """The name is in the row (`student`): a row of another track's configuration with the same
+    recipe under another name is not this one's."""
+    before = stage(params(), workspace, None, "out")
+    assert {r["student"] for r in before} == {"small"}
+    raw = tiny_raw()
+    raw["students"] = {"cnn8": {}}
+    after = stage(parse_params(raw), workspace, None, "out")
+    assert trained_reused(capsys)[1] == 0 and {r["student"] for r in after} == {"cnn8"}
+    assert [r["test_acc"] for r in after] == [r["test_acc"] for r in before]  # same recipe
+
+
 def test_changing_a_loss_s_code_retrains_exactly_its_students(workspace, capsys, monkeypatch):
     p = params()
     before = stage(p, workspace, "full", "out")

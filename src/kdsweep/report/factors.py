@@ -101,8 +101,11 @@ def _plot_gains(pairs: Sequence[FactorPair], s: AnalysisParams, path: Path) -> P
     """Relative gain of the reference over the baseline vs α, one panel per pair."""
     fig, axes = panel_grid(len(pairs), 3, (4.6, 3.6))
     for ax, p in zip(axes, pairs, strict=True):
-        gain_band(ax, p.analysis.gains, "C0", f"{s.reference} over {s.baseline}")
-        log_alpha_axis(ax)
+        if p.analysis.gains:
+            gain_band(ax, p.analysis.gains, "C0", f"{s.reference} over {s.baseline}")
+            log_alpha_axis(ax)
+        else:  # the student trained no baseline: nothing to compare with
+            ax.text(0.5, 0.5, f"no {s.baseline} rows", transform=ax.transAxes, ha="center")
         ax.set_title(_title(p), fontsize=9)
         ax.set_ylabel("relative gain")
     fig.suptitle(f"relative gain per (student, teacher) ({s.ci:.0%} Fieller intervals)")

@@ -71,7 +71,8 @@ def student_key(
         "alpha": job.alpha,
         "subset_seed": job.subset_seed,
         "train_seed": job.train_seed,
-        "student": job.st.recipe(),
+        # its configuration, and that configuration's name (the row's `student` column)
+        "student": {"name": job.student, **job.st.recipe()},
         # the teacher as configured (its weights and outputs: the fingerprints); none for labels
         "teacher": p.teachers[spec.teacher].model_dump(mode="json") if spec else None,
         "store": {"name": store, **spec.model_dump(mode="json")} if spec else None,
