@@ -26,7 +26,7 @@ from kdsweep.io import (
     weights_fingerprint,
 )
 from kdsweep.metrics import evaluate
-from kdsweep.models import build_model, reinit_head
+from kdsweep.models import build_model, n_params, reinit_head
 from kdsweep.train import BatchFn, fit, num_steps, pick_device, predict
 
 
@@ -35,10 +35,6 @@ def teacher_model(t: TeacherParams, prep: Prepared) -> torch.nn.Module:
     s = prep.splits
     torch.manual_seed(t.seed)
     return build_model(t.arch, tuple(s.x_train.shape[1:]), s.num_classes, t.width)
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(q.numel() for q in model.parameters())
 
 
 def train_teacher(

@@ -27,6 +27,11 @@ def build_model(arch: str, input_shape: tuple[int, ...], num_classes: int, width
         raise KdsweepError(f"arch {arch}: {err}") from None
 
 
+def n_params(model: nn.Module) -> int:
+    """Trainable parameters of a model (the capacity axis of the report's By factor section)."""
+    return sum(q.numel() for q in model.parameters())
+
+
 def reinit_head(model: nn.Module, seed: int) -> nn.Module:
     """The `random_head` control: same features, a freshly initialised last layer."""
     torch.manual_seed(seed)

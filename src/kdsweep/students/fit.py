@@ -21,6 +21,7 @@ from kdsweep.config import Params, StudentParams
 from kdsweep.errors import KdsweepError
 from kdsweep.io import report_work
 from kdsweep.losses import student_loss
+from kdsweep.models import n_params
 from kdsweep.registry import CACHE_KINDS
 from kdsweep.students.inputs import StageInputs, stage_data, student_data
 from kdsweep.students.plan import (
@@ -147,14 +148,14 @@ def _fit_stack(
     x0, y0, t0 = part(jobs[0])
     row_bytes = (x0.nbytes + y0.nbytes + sum(v.nbytes for v in t0.tensors.values())) / len(y0)
     data_bytes = int(row_bytes * max(sizes))
-    n_params = sum(q.numel() for q in probe.parameters())
+    size = n_params(probe)
     act = 4 * min(st.batch_size, len(y0)) * x0[0].numel() * 64
     budget = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 4 << 30
     steps = student_steps(st, sizes[0])  # one for all: plan.stack_key
     sample = x0[:1].clone()  # the model factory needs only the input shape: free the subset
     del x0, y0, t0
     out: list[Trained] = []
-    per_student = 16 * n_params + data_bytes + act
+    per_student = 16 * size + data_bytes + act
     most = max_stack(device, probe, sample, min(st.batch_size, sizes[0]))
     for group in memory_groups(len(jobs), per_student, budget, most):
         mine = [jobs[i] for i in group]

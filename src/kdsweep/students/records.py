@@ -10,6 +10,7 @@ import torch
 from kdsweep.config import Params, params_hash
 from kdsweep.data.prepared import Prepared
 from kdsweep.metrics import evaluate
+from kdsweep.models import n_params
 from kdsweep.registry import LOSSES
 from kdsweep.runs import RunRecord
 from kdsweep.students.plan import StudentJob, student_steps
@@ -64,7 +65,7 @@ def run_record(
         student=job.student,
         student_arch=st.arch,
         student_width=st.width,
-        student_params=sum(q.numel() for q in model.parameters()),
+        student_params=n_params(model),
         method=job.method,
         loss=m.loss,
         lam=m.lam if "lambda" in loss.hyper else None,
