@@ -54,10 +54,11 @@ def student_jobs(p: Params, method: str, store: str | None) -> list[StudentJob]:
     """Every student of `method` that reads `store`: its student configurations × α × subset
     seeds × train seeds × τ."""
     m = p.methods[method]
+    configs = {name: p.student_config(name) for name in p.students_of(method)}
     return [
-        StudentJob(method, m, tau, alpha, s, r, store, name, p.student_config(name))
+        StudentJob(method, m, tau, alpha, s, r, store, name, configs[name])
         for name, alpha, s, r, tau in itertools.product(
-            p.students_of(method),
+            configs,
             p.alphas_of(method),
             p.subset_seeds,
             p.student.train_seeds,
