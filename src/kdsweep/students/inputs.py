@@ -142,7 +142,7 @@ def _load(p: Params, inputs: StageInputs) -> StageData:
     ref = open_store(p, p.cache.reference, inputs.reference, prep)
     t = ref.read("test")
     ref_test = (CACHE_KINDS.load(t.kind).top1(t), t.tensors.get("logits"))
-    train, fresh, teacher, teacher_size = NO_TARGETS, False, None, None
+    train, fresh, teacher, teacher_size, weights = NO_TARGETS, False, None, None, None
     if inputs.store is None and p.methods_reading(None):
         # students of labels see the inputs of the reference store's students: its cached
         # views (each with its true label), fresh views, or the clean rows
@@ -157,6 +157,7 @@ def _load(p: Params, inputs: StageInputs) -> StageData:
         teacher_size = int(size) if size is not None else None
         if store.kind == "online":
             teacher = online_teacher(p, inputs.store, inputs.checkpoint, prep)
+            weights = store.attrs["teacher_fingerprint"]  # open_store checked the checkpoint
             fresh = p.cache.stores[inputs.store].views == "fresh"
             train = TeacherTargets("online", {})
         else:
@@ -168,7 +169,7 @@ def _load(p: Params, inputs: StageInputs) -> StageData:
     fingerprints = {
         "data": prep.fingerprint,
         "train": tensors_fingerprint(train.tensors) if train.tensors else None,
-        "teacher": weights_fingerprint(inputs.checkpoint) if teacher is not None else None,
+        "teacher": weights,
         "reference": tensors_fingerprint(ref_tensors),
     }
     return StageData(prep, train, ref_test, fingerprints, fresh, teacher, teacher_size)
