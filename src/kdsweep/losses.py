@@ -9,9 +9,9 @@ cross-entropy on the true labels (smoothed by ε for `ls`) or on the teacher's t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from kdsweep.registry import CACHE_KINDS, LOSSES
+from kdsweep.softmax import cross_entropy
 from kdsweep.targets import TeacherTargets
 
 
@@ -52,10 +52,10 @@ def student_loss(
         targets = targets.flat_positions()
     smoothing = epsilon if entry.smooth_labels else 0.0
     if entry.distill is None:
-        labels = F.cross_entropy(student_logits, y, reduction="none", label_smoothing=smoothing)
+        labels = cross_entropy(student_logits, y, smoothing)
         return labels, torch.zeros_like(labels)
     distill = distill_term(loss, targets, student_logits, tau, topk_mode)
     if isinstance(lam, float) and lam == 1.0:  # pure distillation: no label term to compute
         return distill, distill.detach()
-    ce = F.cross_entropy(student_logits, y, reduction="none", label_smoothing=smoothing)
+    ce = cross_entropy(student_logits, y, smoothing)
     return lam * distill + (1 - lam) * ce, distill.detach()

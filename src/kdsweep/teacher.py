@@ -27,6 +27,7 @@ from kdsweep.io import (
 )
 from kdsweep.metrics import evaluate
 from kdsweep.models import build_model, n_params, reinit_head
+from kdsweep.softmax import cross_entropy
 from kdsweep.train import BatchFn, fit, num_steps, pick_device, predict
 
 
@@ -58,9 +59,7 @@ def train_teacher(
     seconds = fit(
         net,
         x,
-        lambda z, i: torch.nn.functional.cross_entropy(
-            z.flatten(0, -2), y[i].flatten(), reduction="none"
-        ),
+        lambda z, i: cross_entropy(z.flatten(0, -2), y[i].flatten()),
         steps,
         t.batch_size,
         t.lr,

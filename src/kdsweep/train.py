@@ -13,12 +13,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.adam import adam
 from tqdm import tqdm
 
 from kdsweep.errors import KdsweepError
+from kdsweep.softmax import cross_entropy
 
 # batch(row ids) -> (model inputs, whatever the loss needs of those rows)
 BatchFn = Callable[[torch.Tensor], tuple[torch.Tensor, Any]]
@@ -142,9 +142,7 @@ class BestVal:
         total = torch.zeros(k, dtype=torch.float64, device=self.x.device)
         for i in range(0, self.x.shape[1], self.batch_size):
             z, y = forward(self.x[:, i : i + self.batch_size]), self.y[:, i : i + self.batch_size]
-            ce = F.cross_entropy(z.flatten(0, -2), y.flatten(), reduction="none").view(
-                k, len(y[0]), -1
-            )
+            ce = cross_entropy(z.flatten(0, -2), y.flatten()).view(k, len(y[0]), -1)
             # each student's own rows of the chunk, summed alone (float32, as one student's)
             zero = ce.new_zeros(())
             total += torch.stack(

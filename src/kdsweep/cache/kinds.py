@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from kdsweep.errors import KdsweepError
+from kdsweep.softmax import log_softmax, softmax
 from kdsweep.targets import TeacherTargets
 
 Layout = dict[str, tuple[tuple[int, ...], np.dtype]]
@@ -65,8 +66,8 @@ def from_stored(a: np.ndarray, dtype: str) -> torch.Tensor:
 
 def soft_kl(target_logits: torch.Tensor, student_logits: torch.Tensor, tau: float) -> torch.Tensor:
     """τ²·KL(softmax(t/τ) ‖ softmax(s/τ)) per row; zero-probability targets contribute nothing."""
-    p = torch.softmax(target_logits / tau, dim=-1)
-    log_q = torch.log_softmax(student_logits / tau, dim=-1)
+    p = softmax(target_logits / tau)
+    log_q = log_softmax(student_logits / tau)
     return tau**2 * (torch.special.xlogy(p, p) - p * log_q).sum(-1)
 
 
@@ -213,11 +214,11 @@ class TopK(CacheKind):
         the shapes, so no branch ever evaluates log 0).
         """
         values, indices = t.tensors["values"], t.tensors["indices"]
-        log_q = torch.log_softmax(z / tau, dim=-1)
+        log_q = log_softmax(z / tau)
         q_top = log_q.gather(-1, indices)
         k, c = indices.shape[-1], z.shape[-1]
         if mode == "renorm" or k == c:
-            p = torch.softmax(values / tau, dim=-1)
+            p = softmax(values / tau)
             return tau**2 * (torch.special.xlogy(p, p) - p * q_top).sum(-1)
         tail = t.tensors["tail_logsumexp"].unsqueeze(-1)
         in_tail = _not_in(indices, log_q)
@@ -226,12 +227,12 @@ class TopK(CacheKind):
             # the absent classes share one bucket of log-mass (tail − log(C−k))/τ + log(C−k)
             log_n = math.log(c - k)
             buckets = torch.cat([values / tau, (tail - log_n) / tau + log_n], -1)
-            p = torch.softmax(buckets, dim=-1)
+            p = softmax(buckets)
             q_absent = log_q.masked_fill(~in_tail, 0.0).sum(-1, keepdim=True) / (c - k)
             # Σ_absent p_a·(log p_a − log q_a) with p_a = P_tail/(C − k) for every absent a
             log_q_buckets = torch.cat([q_top, q_absent + log_n], -1)
         else:
-            p = torch.softmax(torch.cat([values, tail], -1) / tau, dim=-1)
+            p = softmax(torch.cat([values, tail], -1) / tau)
             q_tail = log_q.masked_fill(~in_tail, -torch.inf).logsumexp(-1, keepdim=True)
             log_q_buckets = torch.cat([q_top, q_tail], -1)
         return tau**2 * (torch.special.xlogy(p, p) - p * log_q_buckets).sum(-1)
@@ -288,7 +289,7 @@ class Sampled(CacheKind):
         constant with no gradient. Rows as stored still carry their R draw sets [..., R, k]
         (training picks one per row and step): the term is then the mean of the R estimates."""
         w, i = t.tensors["weights"], t.tensors["indices"]
-        log_q = torch.log_softmax(z / tau, dim=-1)
+        log_q = log_softmax(z / tau)
         if w.dim() > z.dim():
             log_q = log_q.unsqueeze(-2).expand(*i.shape[:-1], log_q.shape[-1])
             return -(tau**2) * (w * log_q.gather(-1, i)).sum(-1).mean(-1)
