@@ -397,3 +397,43 @@ def test_killed_student_stage_resumes_with_only_its_unfinished_stacks(workspace)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rs]  # noqa: E731
     assert strip(rows) == strip(reference)
     assert sorted(p.name for p in out.iterdir()) == ["runs.json"]  # stack files merged away
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_interrupted_student_stage_stops_at_once_and_keeps_its_finished_stacks(workspace):
+    """Ctrl-C (SIGINT) while two stacks train side by side (`student.workers`): the stage exits
+    at once (130) rather than waiting for the stacks in flight, the finished stacks' rows stay
+    on disk, and the re-run reuses them."""
+    raw = tiny_raw()
+    raw["alphas"] = [0.05, 0.1, 0.5, 1.0]
+    raw["sweep"]["methods"] = ["ce", "ls", "kd"]
+    raw["student"].update(threads=1, workers=2)
+    raw["student"]["budget"] = {"mode": "epochs", "value": 60}  # long enough to be caught
+    Path("params.yaml").write_text(yaml.safe_dump(raw))
+    args = (
+        str(STAGES / "student.py"),
+        "--reference=data/logits/full.zarr",
+        "--prepared=data/prepared",
+        "--out=data/students/labels",
+    )
+    proc = start(*args, stdout=subprocess.PIPE)
+    for line in proc.stdout:
+        if "students done" in line:
+            break
+    else:
+        pytest.fail(f"the stage exited ({proc.wait()}) before a stack finished")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted" in err
+    out = Path("data/students/labels")
+    durable = {
+        r["student_key"] for f in out.glob("stack-*.json") for r in json.loads(f.read_text())
+    }
+    assert durable and not (out / "runs.json").exists()
+    proc = start(*args, stdout=subprocess.PIPE)
+    stdout, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    line = next(x for x in stdout.splitlines() if "students, reused" in x).split()
+    assert int(line[line.index("reused") + 1]) == len(durable)

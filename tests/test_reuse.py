@@ -163,6 +163,41 @@ def test_dask_local_cluster_writes_what_the_local_executor_writes(workspace, cap
     assert strip(dask) == strip(local)
 
 
+def test_local_workers_side_by_side_write_what_one_worker_writes(workspace, capsys):
+    """Two stacks at once in threads of the stage (`student.workers`: the default on a 2-core
+    CPU) write the rows one worker writes: the stacks are split to give both a share, and a
+    student's row depends neither on its stack's other members nor on the thread it ran in."""
+    one = stage(params(student__workers=1), workspace, "full", "one")
+    capsys.readouterr()
+    two = stage(params(student__workers=2), workspace, "full", "two")
+    assert capsys.readouterr().out.count("students done") >= 2  # it did run several stacks
+    assert strip(two) == strip(one)
+
+
+def test_a_failed_local_stack_stops_the_others_and_keeps_the_finished(monkeypatch):
+    """A stack that raises cancels the stacks not yet started; the one training beside it
+    finishes and its rows are handed over before the error is raised."""
+    from kdsweep.students import executor
+
+    started, handed, second = [], [], threading.Event()
+
+    def fake(p, inputs, run, stack, keys, planned):
+        started.append(stack.members[0])
+        if stack.members[0] == 0:
+            second.wait(10)  # fail while stack 1 trains
+            raise KdsweepError("stack 0 failed")
+        second.set()
+        time.sleep(0.3)
+        return [{"student": stack.members[0]}]
+
+    monkeypatch.setattr(executor, "train_stack", fake)
+    stacks = [Stack((i,), "sequential") for i in range(6)]
+    with pytest.raises(KdsweepError, match="stack 0 failed"):
+        executor.run_stacks(params(student__workers=2), None, "run", stacks, {}, handed.extend)
+    assert handed == [{"student": 1}]  # finished beside the failure: kept
+    assert sorted(started) == [0, 1]  # stacks 2-5 never started
+
+
 @pytest.mark.e2e
 def test_a_killed_worker_s_stack_is_retried_and_no_partial_row_is_written(workspace):
     from distributed import Client, LocalCluster

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as hs
 
 from kdsweep.augment import SHIFT_SCALE_NOISE
 from kdsweep.losses import student_loss
@@ -20,6 +22,7 @@ from kdsweep.students.plan import (
     choose_path,
     max_stack,
     memory_groups,
+    split_stack,
 )
 from kdsweep.students.stack import (
     DISTILL_TERMS,
@@ -436,6 +439,61 @@ def test_memory_groups(k: int, per_student: int, budget: int, sizes: list[int]) 
     groups = memory_groups(k, per_student, budget)
     assert [len(g) for g in groups] == sizes
     assert [i for g in groups for i in g] == list(range(k))
+
+
+@given(
+    n=hs.integers(1, 200),
+    workers=hs.integers(1, 8),
+    most=hs.one_of(hs.none(), hs.integers(1, 60)),
+    smallest=hs.integers(1, 8),
+)
+def test_split_stack_gives_every_worker_a_share_within_the_cap(n, workers, most, smallest):
+    parts = split_stack(n, workers, most, smallest)
+    sizes = [len(r) for r in parts]
+    assert [i for r in parts for i in r] == list(range(n))  # consecutive, each student once
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+    needed = 1 if most is None else -(-n // most)
+    assert len(parts) >= needed and (most is None or max(sizes) <= most)
+    if len(parts) > needed:  # split further only into stacks of at least `smallest`
+        assert min(sizes) >= smallest
+    if -(-needed // workers) * workers * smallest <= n:  # possible: no worker idles at the end
+        assert len(parts) % workers == 0
+    assert len(parts) >= min(workers, n // smallest, n)
+
+
+def test_local_workers_share_the_cores_and_compiled_stacks_train_alone(monkeypatch) -> None:
+    monkeypatch.setattr(plan, "cpu_cores", lambda: 4)
+    cpu = plan.StudentParams(device="cpu")
+    assert (plan.local_workers(cpu), plan.train_threads(cpu)) == (4, 1)
+    two = cpu.model_copy(update={"threads": 2})
+    assert (plan.local_workers(two), plan.train_threads(two)) == (2, 2)
+    three = cpu.model_copy(update={"workers": 3})
+    assert (plan.local_workers(three), plan.train_threads(three)) == (3, 1)
+    compiled = cpu.model_copy(update={"compile": "on"})  # dynamo is not thread-safe
+    assert (plan.local_workers(compiled), plan.train_threads(compiled)) == (1, 4)
+    dask = cpu.model_copy(update={"executor": "dask"})
+    assert (plan.local_workers(dask), plan.train_threads(dask)) == (1, 1)
+
+
+def test_concurrent_builds_draw_their_own_seeds() -> None:
+    """The local executor builds students in several threads at once: `models.global_seed`
+    keeps each build's seed to itself (without its lock, another thread's `manual_seed`
+    between a seed and its draws changes the weights)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = plan.StudentParams(arch="mlp", width=64)
+    x = torch.zeros(1, 1, 40)
+
+    def build(seed: int) -> torch.Tensor:
+        return torch.cat(
+            [q.flatten() for q in plan.student_model(config, 10, x, seed).parameters()]
+        )
+
+    seeds = list(range(60)) * 2
+    alone = [build(s) for s in seeds]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(build, seeds))
+    assert all(torch.equal(a, b) for a, b in zip(alone, together, strict=True))
 
 
 def test_choose_path() -> None:

@@ -314,7 +314,10 @@ class StudentParams(Strict):
     # torch.compile of a stacked step (students.plan.choose_compile): auto compiles where the
     # measured saving outweighs the compile time; it changes rounding (part of a student's key)
     compile: Literal["auto", "on", "off"] = "auto"
-    threads: int = Field(0, ge=0)  # torch CPU threads per training process; 0: its share of cores
+    threads: int = Field(0, ge=0)  # torch CPU threads per stack; 0: its worker's share of cores
+    # stacks the local executor trains at once (threads of the stage process); 0: one per
+    # `threads` cores on a CPU, one on a GPU (students.plan.local_workers)
+    workers: int = Field(0, ge=0)
     executor: Literal["local", "dask"] = "local"  # where stacks train (kdsweep.students.executor)
     dask: DaskParams = DaskParams()
 
@@ -326,6 +329,7 @@ class StudentParams(Strict):
             "stacked",
             "compile",
             "threads",
+            "workers",
             "executor",
             "dask",
             "train_seeds",

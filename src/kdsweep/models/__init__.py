@@ -7,6 +7,10 @@ keeps no running statistics (GroupNorm, LayerNorm), so students stack under `tor
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -32,8 +36,21 @@ def n_params(model: nn.Module) -> int:
     return sum(q.numel() for q in model.parameters())
 
 
+_GLOBAL_RNG = threading.RLock()
+
+
+@contextmanager
+def global_seed(seed: int) -> Iterator[None]:
+    """torch's global RNG seeded with `seed` for the block, which no other thread of this
+    process seeds or draws from meanwhile: models initialise from it, and the local executor
+    trains several stacks at once, each in a thread (students.executor)."""
+    with _GLOBAL_RNG:
+        torch.manual_seed(seed)
+        yield
+
+
 def reinit_head(model: nn.Module, seed: int) -> nn.Module:
     """The `random_head` control: same features, a freshly initialised last layer."""
-    torch.manual_seed(seed)
-    model.head.reset_parameters()
+    with global_seed(seed):
+        model.head.reset_parameters()
     return model

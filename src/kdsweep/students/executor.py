@@ -2,28 +2,30 @@
 distributed cluster (`dask`), the stage process being the Dask client — DVC stays the
 orchestrator (DESIGN.md §8).
 
-Dask: `student.dask.address` names an existing scheduler (e.g. a dask-jobqueue SLURMCluster's,
-README); without one a `LocalCluster` starts with one worker process per GPU (each stack asks
-for the worker resource "GPU": 1, so it gets a whole device) or, on a CPU machine,
-`student.dask.workers` (default 2). A stack is one task: workers open the stage's inputs from
-shared storage once and keep them across stacks, results come back as rows, and a worker that
-dies mid-stack has its stack rescheduled elsewhere by the scheduler. Only the client writes:
-each stack's rows go to `done` as that stack comes back (the stage makes them durable), so no
-partial stack is ever written and a killed client loses only the stacks still out.
+Local: `plan.local_workers` stacks at once, each in a thread of this process with
+`plan.train_threads` torch threads (on a CPU by default one stack per core, one thread each;
+torch's kernels release the GIL, so the threads compute in parallel), started in plan order:
+costliest first.
+
+Dask: kdsweep.students.cluster (imported only when used: Dask's import is a fixed cost of
+every stage process otherwise).
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
-import torch
-from distributed.diagnostics.plugin import WorkerPlugin
-
 from kdsweep.config import Params
+from kdsweep.io import report_work
 from kdsweep.students.fit import train_stack
 from kdsweep.students.inputs import StageInputs
-from kdsweep.students.plan import Stack, machine
+from kdsweep.students.plan import Stack, local_workers, machine
 
 Rows = list[dict[str, Any]]
 
@@ -39,23 +41,18 @@ def run_stacks(
     """Train every stack of the stage run `run` on the configured executor, handing each
     stack's rows to `done` as soon as that stack has finished (in any order)."""
     planned = machine(p)
+    t0 = time.perf_counter()
     if p.student.executor == "local":
-        for s in stacks:
-            done(train_stack(p, inputs, run, s, keys, planned))
+        _local(p, inputs, run, stacks, keys, planned, done)
     else:
-        _on_dask(p, inputs, run, stacks, keys, planned, done)
+        from kdsweep.students.cluster import on_dask  # Dask's import: only where it is used
+
+        on_dask(p, inputs, run, stacks, keys, planned, done)
+    if stacks:
+        report_work("train", time.perf_counter() - t0)
 
 
-class _OneDevicePerWorker(WorkerPlugin):
-    """Worker plugin: LocalCluster worker i trains on cuda:i (mod the devices it sees); a worker
-    of an HPC job (a string name) keeps the device its job was given."""
-
-    def setup(self, worker: Any) -> None:
-        if isinstance(worker.name, int) and torch.cuda.is_available():
-            torch.cuda.set_device(worker.name % torch.cuda.device_count())
-
-
-def _on_dask(
+def _local(
     p: Params,
     inputs: StageInputs,
     run: str,
@@ -64,45 +61,44 @@ def _on_dask(
     planned: dict[str, Any],
     done: Callable[[Rows], None],
 ) -> None:
-    from distributed import Client, LocalCluster, as_completed
-
-    if not stacks:
+    """`local_workers` stacks at a time in threads of this process. A failed stack stops the
+    stacks not yet started; those already training finish and are handed to `done` before
+    the error is raised, so no finished work is lost."""
+    workers = local_workers(p.student)
+    if workers == 1:
+        for s in stacks:
+            done(train_stack(p, inputs, run, s, keys, planned))
         return
-    d = p.student.dask
-    gpus = torch.cuda.device_count() if p.student.device in ("auto", "cuda") else 0
-    # a LocalCluster of ours has one "GPU" per worker; an existing cluster's workers are the
-    # user's to shape (README: one GPU each), and asking them for a resource they were not
-    # started with would wait forever
-    resources = {"GPU": 1} if gpus and d.address is None else None
-    cluster = None
-    if d.address is None:
-        cluster = LocalCluster(
-            n_workers=d.workers or gpus or 2,
-            threads_per_worker=1,  # one stack at a time per worker process
-            resources=resources,
-            dashboard_address=None,
-        )
-    try:
-        with Client(d.address or cluster) as client:
-            if resources:
-                client.register_plugin(_OneDevicePerWorker())
-            futures = [
-                client.submit(
-                    train_stack,
-                    p,
-                    inputs,
-                    run,
-                    s,
-                    {i: keys[i] for i in s.members},
-                    planned,
-                    resources=resources,
-                    pure=False,
-                    key=f"stack-{run}-{n}",
+    failed = threading.Event()
+
+    def job(s: Stack) -> Rows | None:
+        if failed.is_set():  # set by a failed stack before its thread takes the next one
+            return None
+        try:
+            return train_stack(p, inputs, run, s, keys, planned)
+        except BaseException:
+            failed.set()
+            raise
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="stack") as pool:
+        pending: set[Future] = {pool.submit(job, s) for s in stacks}
+        error: BaseException | None = None
+        while pending:
+            try:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            except KeyboardInterrupt:
+                # the stacks in flight cannot be stopped from here, and waiting for them
+                # (minutes) is not what Ctrl-C asks for: what finished is already on disk
+                print(
+                    "interrupted: the finished stacks' rows are kept; a re-run trains the rest",
+                    file=sys.stderr,
+                    flush=True,
                 )
-                for n, s in enumerate(stacks)
-            ]
-            for future in as_completed(futures):
-                done(future.result())
-    finally:
-        if cluster is not None:
-            cluster.close()
+                os._exit(130)
+            for future in finished:
+                if future.exception() is not None:
+                    error = error or future.exception()
+                elif future.result() is not None:
+                    done(future.result())
+        if error is not None:
+            raise error

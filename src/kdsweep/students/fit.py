@@ -19,7 +19,6 @@ from torch import nn
 
 from kdsweep.config import Params, StudentParams
 from kdsweep.errors import KdsweepError
-from kdsweep.io import report_work
 from kdsweep.losses import student_loss
 from kdsweep.models import n_params
 from kdsweep.registry import CACHE_KINDS
@@ -110,7 +109,6 @@ def train_stack(
             train_one(p, job, part(job), val(job), num_classes, device, sd.fresh, teacher)
             for job in members
         ]
-    report_work("train", sum(t[1] for t in trained))
     rev = git_rev()
     return [
         run_record(

@@ -5,6 +5,7 @@ in memory at once, and what about this process changes a student's rounding (`ma
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from kdsweep.config import MethodParams, Params, StudentParams
-from kdsweep.models import build_model
+from kdsweep.models import build_model, global_seed, n_params
 from kdsweep.registry import ARCHS
 from kdsweep.targets import TeacherTargets
 from kdsweep.train import num_steps, pick_device
@@ -196,8 +197,12 @@ def memory_groups(
     per = max(1, budget_bytes // max(bytes_per_student, 1))
     if max_size is not None:
         per = min(per, max(1, max_size))
-    n_groups = -(-k // per)
-    bounds = [k * g // n_groups for g in range(n_groups + 1)]
+    return even_split(k, -(-k // per))
+
+
+def even_split(n: int, parts: int) -> list[range]:
+    """range(n) as `parts` consecutive ranges whose sizes differ by at most one."""
+    bounds = [n * g // parts for g in range(parts + 1)]
     return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
@@ -217,11 +222,30 @@ def stage_jobs(p: Params, store: str | None) -> list[StudentJob]:
     return [job for method in p.methods_reading(store) for job in student_jobs(p, method, store)]
 
 
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def local_workers(st: StudentParams) -> int:
+    """Stacks the local executor trains at once, each in a thread of the stage process with
+    `train_threads` torch threads: `student.workers`, else on a CPU one per `threads` cores (one
+    per core by default), on a GPU one. Two one-thread stacks side by side beat one two-thread
+    stack on a 2-core CPU (bench/bench_roofline.py: the small student's stack spends most of
+    its step in kernels too small to split across cores); the stacks of a stage are split so
+    that every worker gets some (`plan_stacks`)."""
+    if st.executor != "local" or pick_device(st.device).type != "cpu" or st.compile == "on":
+        return 1  # torch.compile (dynamo) is not thread-safe: compiled stacks train one by one
+    return st.workers or max(1, cpu_cores() // (st.threads or 1))
+
+
 def train_threads(st: StudentParams) -> int:
     """CPU threads a student trains with: the thread count changes a CPU run's rounding, so it is
-    fixed before training and part of the student's key. Default: this process's for the local
-    executor, one per Dask worker process (Dask's own default)."""
-    return st.threads or (torch.get_num_threads() if st.executor == "local" else 1)
+    fixed before training and part of the student's key. Default: the local executor's share of
+    the cores per worker (`local_workers`), one per Dask worker process (Dask's own default)."""
+    if st.executor != "local":
+        return st.threads or 1
+    return st.threads or max(1, cpu_cores() // local_workers(st))
 
 
 def machine(p: Params) -> dict[str, Any]:
@@ -245,8 +269,8 @@ def student_model(
 ) -> torch.nn.Module:
     """A fresh student of configuration `st` for inputs like `x`; the seed fixes its
     initialisation."""
-    torch.manual_seed(seed)
-    return build_model(st.arch, tuple(x.shape[1:]), num_classes, st.width)
+    with global_seed(seed):
+        return build_model(st.arch, tuple(x.shape[1:]), num_classes, st.width)
 
 
 def plan_stacks(
@@ -259,13 +283,15 @@ def plan_stacks(
 ) -> list[Stack]:
     """Group the stage's students into stacks and choose each stack's path on the *whole* stack,
     so that a student's path (and so its row) does not depend on which others are reused;
-    `train`: the teacher rows the stage's students read, `x`: inputs like theirs, `n_train`:
-    each job's training rows."""
+    then split each into stacks that fit `max_stack` and give every local worker a share
+    (`split_stack`), costliest first. `train`: the teacher rows the stage's students read,
+    `x`: inputs like theirs, `n_train`: each job's training rows."""
     device = pick_device(p.student.device)
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
         groups.setdefault(stack_key(job, train, n_train[i]), []).append(i)
-    stacks = []
+    workers = local_workers(p.student)
+    stacks: list[tuple[int, Stack]] = []
     for members in groups.values():
         st = jobs[members[0]].st
         probe = student_model(st, num_classes, x, seed=0)
@@ -273,5 +299,32 @@ def plan_stacks(
         path = choose_path(device, probe, vmappable, len(members), p.student.stacked)
         steps = student_steps(st, n_train[members[0]])
         compiled = path == "stacked" and choose_compile(device, steps, p.student.compile)
-        stacks.append(Stack(tuple(members), path, compiled))
-    return stacks
+        if path == "stacked":
+            most = max_stack(device, probe, x, min(st.batch_size, n_train[members[0]]))
+            parts = split_stack(len(members), workers, most, STACK_MIN_SPLIT)
+        else:
+            parts = split_stack(len(members), workers, None, 1)
+        cost = steps * n_params(probe)  # per student, roughly
+        stacks += [
+            (len(r) * cost, Stack(tuple(members[i] for i in r), path, compiled)) for r in parts
+        ]
+    # the costliest first: an executor that starts them in this order leaves no long stack last
+    return [s for _, s in sorted(stacks, key=lambda cs: -cs[0])]
+
+
+# The smallest stack a stacked group is split into to give every local worker a share: below
+# it a student's step is mostly the fixed cost of its kernels (bench_stack.py --sweep: K = 8
+# reaches 0.71-0.83 of the best K's samples/s).
+STACK_MIN_SPLIT = 4
+
+
+def split_stack(n: int, workers: int, most: int | None, smallest: int) -> list[range]:
+    """The n students of one stack key as consecutive, evenly sized stacks: at most `most`
+    each (None: no bound), and — where each keeps `smallest` students — a multiple of
+    `workers` of them, so that no worker idles while the last stack trains (130 students
+    under a cap of 48 on two workers: 4 stacks of 32-33, not 3 of 43-44 with the third
+    alone). A student's row does not depend on which others share its stack
+    (students.stack), so the split changes no row."""
+    needed = -(-n // most) if most else 1
+    shared = -(-needed // workers) * workers
+    return even_split(n, min(shared, max(needed, n // smallest)))
