@@ -69,6 +69,26 @@ def test_under_vmap_as_a_stack_calls_it():
     torch.testing.assert_close(stacked, alone)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_a_row_s_value_does_not_depend_on_the_other_rows(dtype):
+    """Bit for bit, forward and backward, whatever the number of rows beside it (a stacked
+    student's loss and validation curve must not depend on its stack's size: torch's kernel
+    treats a last partial vector of columns apart, which the padding avoids)."""
+    z = _logits(3, 300, 10, 7.0, dtype)
+    y = torch.randint(0, 10, (300,), generator=torch.Generator().manual_seed(4))
+
+    def run(n: int) -> tuple[torch.Tensor, ...]:
+        x = z[:n].clone().requires_grad_()
+        out = [S.softmax(x), S.log_softmax(x), S.cross_entropy(x, y[:n], 0.1)]
+        (g,) = torch.autograd.grad(sum(o.sum() for o in out), x)
+        return (*(o.detach() for o in out), g)
+
+    full = run(300)
+    for n in [1, 7, 15, 16, 17, 63, 64, 65, 129, 299]:
+        for a, b in zip(run(n), full, strict=True):
+            assert torch.equal(a, b[:n]), n
+
+
 def test_wide_class_dimensions_use_torch_s_own_kernel(monkeypatch):
     """At 16 classes and more the last-dimension kernel is the faster one: it is what runs."""
     calls = []

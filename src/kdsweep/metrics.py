@@ -8,12 +8,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kdsweep.softmax import cross_entropy, log_softmax, softmax
 from kdsweep.train import accuracy
 
 
 def expected_calibration_error(logits: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
     """Standard top-label ECE with equal-width confidence bins."""
-    conf, pred = torch.softmax(logits, -1).max(-1)
+    conf, pred = softmax(logits).max(-1)
     correct = (pred == y).float()
     edges = torch.linspace(0, 1, bins + 1)
     ece = torch.zeros(())
@@ -38,7 +39,7 @@ def evaluate(
     out: dict[str, float | None] = {
         "test_acc": acc,
         "test_error": 1 - acc,
-        "test_ppl": math.exp(float(F.cross_entropy(z, y))),
+        "test_ppl": math.exp(float(cross_entropy(z, y).mean())),
         "ece": expected_calibration_error(z, y),
         "agreement": None,
         "test_kl": None,
@@ -49,8 +50,8 @@ def evaluate(
         teacher = teacher_logits.flatten(0, -2)
         out["test_kl"] = float(
             F.kl_div(
-                torch.log_softmax(z, -1),
-                torch.log_softmax(teacher, -1),
+                log_softmax(z),
+                log_softmax(teacher),
                 log_target=True,
                 reduction="batchmean",
             )

@@ -299,6 +299,9 @@ def plan_stacks(
         path = choose_path(device, probe, vmappable, len(members), p.student.stacked)
         steps = student_steps(st, n_train[members[0]])
         compiled = path == "stacked" and choose_compile(device, steps, p.student.compile)
+        # students of like subsets side by side: a stack evaluates each member on as many
+        # validation rows as its largest subset holds (train.BestVal pads the others)
+        members = sorted(members, key=lambda i: n_train[i])
         if path == "stacked":
             most = max_stack(device, probe, x, min(st.batch_size, n_train[members[0]]))
             parts = split_stack(len(members), workers, most, STACK_MIN_SPLIT)
