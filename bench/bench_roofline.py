@@ -3,9 +3,13 @@ achieves as the pipeline runs it, measured side by side in one run with one torc
 
 Students: the default (cnn1d width 16, batch 128, MNIST-1D inputs [1, 40], 10 classes) and a 4x
 wider one (width 64), each on the path and at the stack size the planner picks for the default
-params.yaml (`students.plan`: `stack_key`, `choose_path`, `memory_groups` under `max_stack`; the
-size that trains the most of its students), eager and compiled (`torch.compile` of the stacked
-step, whose compile seconds are printed beside it, with the steps after which it would pay).
+params.yaml (`students.plan`: `stack_key`, `choose_path`, `split_stack` under `max_stack`; the
+size that trains the most of its students), with as many stacks side by side as the local
+executor trains at once (`plan.local_workers`, each with `plan.train_threads` threads: on this
+2-core CPU two stacks of one thread each) — and, beside it, one stack with all the threads (how
+the pipeline ran before), eager and compiled (`torch.compile` of the stacked step, whose compile
+seconds are printed beside it, with the steps after which it would pay; compiled stacks train
+one at a time, `plan.local_workers`).
 A student the planner trains sequentially is also measured stacked (as `student.stacked: on`
 would), marked "forced", which is where its compiled figure comes from.
 
@@ -26,6 +30,7 @@ import functools
 import os
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -37,12 +42,15 @@ from kdsweep.data.prepared import subset_size
 from kdsweep.models import build_model
 from kdsweep.registry import ARCHS
 from kdsweep.students.plan import (
+    STACK_MIN_SPLIT,
     choose_path,
+    local_workers,
     max_stack,
-    memory_groups,
+    split_stack,
     stack_key,
     stage_jobs,
     student_model,
+    train_threads,
 )
 from kdsweep.students.stack import fit_stacked, mixed_loss, recipe, recipe_hyper
 from kdsweep.targets import TeacherTargets
@@ -111,11 +119,17 @@ def planned(width: int, device: torch.device) -> tuple[str, Counter]:
             path = choose_path(device, probe, ARCHS[probe_st.arch].vmappable, k, "auto")
             if path == "stacked":
                 most = max_stack(device, probe, torch.zeros(1, *SHAPE), BATCH)
-                for g in memory_groups(k, 1, 4 << 30, most):
+                for g in split_stack(k, local_workers(p.student), most, STACK_MIN_SPLIT):
                     sizes[len(g)] += len(g)
             else:
                 sizes[1] += k
     return path, sizes
+
+
+def placement() -> tuple[int, int]:
+    """(stacks at once, torch threads each) of the default params' local student stages."""
+    p = load_params(REPO / "params.yaml")
+    return local_workers(p.student), train_threads(p.student)
 
 
 @functools.cache
@@ -130,10 +144,32 @@ def _data(k: int, device: torch.device) -> tuple[list, dict]:
 
 
 def run_stacked(
+    width: int,
+    k: int,
+    steps: int,
+    device: torch.device,
+    compiled: bool,
+    workers: int = 1,
+    threads: int = 0,
+) -> tuple[float, float]:
+    """(seconds per step after the first, seconds of the first step) of `workers` stacks of K
+    default-recipe KD students each, trained side by side in threads of this process with
+    `threads` torch threads (0: as set), as the local executor runs a stage's stacks; the
+    slowest stack's figures."""
+    if threads:
+        torch.set_num_threads(threads)
+    if workers == 1:
+        return _one_stack(width, k, steps, device, compiled)
+    with ThreadPoolExecutor(workers) as pool:
+        runs = list(
+            pool.map(lambda _: _one_stack(width, k, steps, device, compiled), range(workers))
+        )
+    return max(r[0] for r in runs), max(r[1] for r in runs)
+
+
+def _one_stack(
     width: int, k: int, steps: int, device: torch.device, compiled: bool
 ) -> tuple[float, float]:
-    """(seconds per step after the first, seconds of the first step) of K default-recipe KD
-    students in one stack (fit_stacked, as the pipeline calls it)."""
     xs, targets = _data(k, device)
     hyper = recipe_hyper([recipe("kd", "full", 1.0, 4.0, 0.0)] * k)
     res = fit_stacked(
@@ -193,8 +229,25 @@ def main(
         f"device={dev} threads={torch.get_num_threads()}: fp32 matmul peak {peak:,.0f} GFLOP/s "
         f"(torch.matmul, large square matrices)"
     )
-    head = ("student", "path", "K", "mode", "samples/s", "GFLOP/s", "of peak", "compile s")
-    print("{:<10} {:<17} {:>4} {:<9} {:>10} {:>8} {:>8} {:>10}".format(*head))
+    cores = torch.get_num_threads()
+    workers, each = placement() if dev.type == "cpu" else (1, cores)
+    print(
+        f"the pipeline's placement: {workers} stack(s) side by side, {each} thread(s) each "
+        f"(plan.local_workers, plan.train_threads); beside it: 1 stack, {cores} threads"
+    )
+    head = (
+        "student",
+        "path",
+        "K",
+        "stacks",
+        "mode",
+        "samples/s",
+        "GFLOP/s",
+        "of peak",
+        "compile s",
+    )
+    line = "{:<10} {:<17} {:>4} {:>6} {:<9} {:>10} {:>8} {:>8} {:>10}"
+    print(line.format(*head))
     headline = None
     for width in (16, 64):
         path, sizes = planned(width, dev)
@@ -204,42 +257,63 @@ def main(
         print(f"cnn1d w{width}: {flops:,} FLOP per sample; planner: {path}, {planned_sizes}")
         rows = []
         if path == "sequential":
+            torch.set_num_threads(cores)
             step = run_sequential(width, 5, dev)
             step = run_sequential(width, _steps(step, seconds), dev)
-            rows.append(("sequential", 1, "eager", step, None))
+            rows.append(("sequential", 1, 1, "eager", step, None))
             k = max(8, max((kk for kk in sizes if kk > 1), default=8))
         label = "stacked" if path == "stacked" else "stacked (forced)"
-        step, _ = run_stacked(width, k, 4, dev, False)
-        eager, first_eager = run_stacked(width, k, _steps(step, seconds), dev, False)
-        rows.append((label, k, "eager", eager, None))
-        compiled, first_compiled = run_stacked(width, k, _steps(eager, seconds), dev, True)
-        rows.append((label, k, "compiled", compiled, first_compiled - first_eager))
-        for where, kk, mode, per_step, compile_s in rows:
-            rate = kk * BATCH / per_step
+        step, _ = run_stacked(width, k, 4, dev, False, workers, each)
+        eager, first_eager = run_stacked(width, k, _steps(step, seconds), dev, False, workers, each)
+        rows.append((label, k, workers, "eager", eager, None))
+        if workers > 1:  # the same stack alone with every thread, as before local workers
+            one, first_one = run_stacked(width, k, _steps(eager, seconds), dev, False, 1, cores)
+            rows.append(("one stack", k, 1, "eager", one, None))
+        # compiled stacks train one at a time with every thread (plan.local_workers): against
+        # that placement's eager step
+        base, first_base = (one, first_one) if workers > 1 else (eager, first_eager)
+        compiled, first_compiled = run_stacked(width, k, _steps(base, seconds), dev, True, 1, cores)
+        rows.append(("one stack", k, 1, "compiled", compiled, first_compiled - first_base))
+        for where, kk, n, mode, per_step, compile_s in rows:
+            rate = n * kk * BATCH / per_step
             gflops = rate * flops / 1e9
-            extra = f"{compile_s:>10.1f}" if compile_s is not None else f"{'':>10}"
+            extra = f"{compile_s:>10.1f}" if compile_s is not None else ""
             print(
-                f"{'w' + str(width):<10} {where:<17} {kk:>4} {mode:<9} {rate:>10,.0f} "
-                f"{gflops:>8.1f} {gflops / peak:>7.1%} {extra}",
+                line.format(
+                    "w" + str(width),
+                    where,
+                    kk,
+                    n,
+                    mode,
+                    f"{rate:,.0f}",
+                    f"{gflops:.1f}",
+                    f"{gflops / peak:.1%}",
+                    extra,
+                ),
                 flush=True,
             )
-            if width == 16 and where == path and mode == "eager":
-                headline = (where, kk, gflops)
-        saved = eager - compiled
+            if width == 16 and where == label and mode == "eager" and path == "stacked":
+                headline = (where, kk, n, gflops)
+        saved = base - compiled
         verdict = (
-            f"pays after {(first_compiled - first_eager) / saved:,.0f} steps"
+            f"pays after {(first_compiled - first_base) / saved:,.0f} steps"
             if saved > 0
             else "never pays"
         )
         print(
-            f"  compiled / eager step time {compiled / eager:.2f}x at K={k}: compiling {verdict}"
+            f"  compiled / eager step time {compiled / base:.2f}x at K={k}: compiling {verdict}"
             f" (plan.COMPILE_BREAK_EVEN['{dev.type}'] for the default student)"
         )
+        if workers > 1:
+            print(
+                f"  {workers} stacks side by side / one stack: {one / eager * workers:.2f}x the samples/s"
+            )
     if headline:
-        where, kk, gflops = headline
+        where, kk, n, gflops = headline
         print(
-            f"HEADLINE: default student as the pipeline runs it ({where}, K={kk}, eager): "
-            f"{gflops:.1f} GFLOP/s = {gflops / peak:.1%} of the matmul peak ({peak:,.0f})"
+            f"HEADLINE: default student as the pipeline runs it ({n} {where} stack(s) of K={kk} "
+            f"side by side, {each} thread(s) each, eager): {gflops:.1f} GFLOP/s = "
+            f"{gflops / peak:.1%} of the matmul peak ({peak:,.0f})"
         )
     if profile:
         from torch.profiler import ProfilerActivity
@@ -251,7 +325,7 @@ def main(
             [ProfilerActivity.CUDA] if dev.type == "cuda" else []
         )
         with torch_profile(activities=activities) as prof:
-            run_stacked(16, k, 20, dev, False)
+            run_stacked(16, k, 20, dev, False, 1, each)  # one stack of the pipeline's
         sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=15))
     print(f"load average after: {os.getloadavg()[0]:.1f} (other processes skew CPU numbers)")
