@@ -348,6 +348,7 @@ def test_a_student_s_row_does_not_depend_on_its_stack() -> None:
         [0, 1, 2, 3, 4, 5],  # every term
         [0, 5],  # pure KD beside it: no CE, no smoothing, no MSE computed
         [3, 0, 1],  # another position in the stack
+        [3, 1, 0],  # the last: its head bias ends the stacked tensor, past its whole vectors
         [0, 0],  # a stack of one trains beside a copy of itself (students.fit)
     ]
     first = None

@@ -45,9 +45,11 @@ def num_steps(mode: str, value: int, n: int, batch_size: int, min_epochs: int = 
 class AdamW:
     """AdamW with cosine decay of the learning rate to zero over `steps` steps.
 
-    The update is torch's own (`torch.optim.adam.adam`, its functional form, fused, with
-    decoupled weight decay): what `torch.optim.AdamW` + `CosineAnnealingLR` compute, checked step
-    by step in tests/test_train.py. Why not those classes: constructing any `torch.optim.Optimizer` imports
+    The update is torch's own (`torch.optim.adam.adam`, its functional form, with decoupled
+    weight decay): what `torch.optim.AdamW` + `CosineAnnealingLR` compute, checked step by step in
+    tests/test_train.py. Not its fused kernel: that one updates an element in a last partial
+    vector of a tensor differently, so a stacked student's weights would depend on its place in
+    the stack (tests/test_stack.py). Why not those classes: constructing any `torch.optim.Optimizer` imports
     `torch._dynamo` (about 2.4 s on a 2-core CPU), a fixed cost every stage process paid before
     its first step. AdamW is elementwise, so one instance over stacked parameters [K, ...] is K
     independent optimizers (`stack.fit_stacked`).
@@ -58,9 +60,7 @@ class AdamW:
         self.lr, self.weight_decay, self.steps, self.t = lr, weight_decay, steps, 0
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-        self.state_steps = [
-            torch.zeros((), device=p.device) for p in self.params
-        ]  # fused: beside p
+        self.state_steps = [torch.zeros(()) for _ in self.params]
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -85,7 +85,6 @@ class AdamW:
             weight_decay=self.weight_decay,
             eps=1e-8,
             maximize=False,
-            fused=True,  # one kernel per tensor: 4.7x the single-tensor loop's speed on a CPU
         )
         self.t += 1
 
